@@ -1,0 +1,18 @@
+"""fusedad — a drop-in ``nn.Linear`` on Triton kernels with a fused bias+activation epilogue and a fused,
+single-launch backward.
+
+    import fusedad
+    layer = fusedad.nn.Linear(1024, 4096, activation="gelu_tanh")
+    y = fusedad.functional.linear(x, w, b, activation="relu")
+    model = fusedad.convert(model)          # swap every nn.Linear (and fuse Linear→ReLU/GELU/SiLU)
+    fusedad.backend(x)                      # "triton" | "triton-interpreter" | "eager"
+"""
+from . import functional, nn
+from .activations import ACTIVATIONS
+from .backend import backend
+from .convert import convert
+from .functional import linear
+from .nn import Linear
+
+__version__ = "0.1.0"
+__all__ = ["ACTIVATIONS", "Linear", "backend", "convert", "functional", "linear", "nn"]

@@ -1,0 +1,45 @@
+"""``fusedad.convert``: swap a model's ``nn.Linear`` layers for ``fusedad.nn.Linear``."""
+import torch
+
+from . import activations
+from .nn import Linear
+
+
+def _fused_copy(linear, activation=None):
+    """A fusedad Linear sharing ``linear``'s Parameter objects (no copy, no re-initialisation)."""
+    new = Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                 dtype=linear.weight.dtype, activation=activation)
+    new.weight = linear.weight
+    new.bias = linear.bias
+    new.train(linear.training)
+    return new
+
+
+def convert(model, fuse_activations=True):
+    """Replace every ``torch.nn.Linear`` in ``model`` (in place) and return ``model``.
+
+    Each replacement shares the original parameters, so optimizers, tied weights and state_dict keys
+    keep working. With ``fuse_activations``, an ``nn.Linear`` directly followed inside an
+    ``nn.Sequential`` by ``nn.ReLU``, ``nn.GELU`` (either approximation) or ``nn.SiLU`` becomes one
+    fused layer, and the activation module is replaced by ``nn.Identity`` (indices, and so
+    state_dict keys, stay the same). Subclasses of nn.Linear (fusedad's own included) are left alone,
+    as are forward hooks registered on the replaced modules (they are not carried over).
+
+    A bare ``nn.Linear`` passed as ``model`` is returned converted.
+    """
+    if type(model) is torch.nn.Linear:
+        return _fused_copy(model)
+    for name, child in list(model.named_children()):
+        if type(child) is torch.nn.Linear:
+            setattr(model, name, _fused_copy(child))
+        else:
+            convert(child, fuse_activations)
+    if fuse_activations and isinstance(model, torch.nn.Sequential):
+        names = list(model._modules)
+        for first, second in zip(names, names[1:]):
+            layer, act_module = model._modules[first], model._modules[second]
+            act = activations.from_module(act_module)
+            if type(layer) is Linear and layer.activation is None and act is not None:
+                layer.activation = act
+                model._modules[second] = torch.nn.Identity()
+    return model

@@ -1,0 +1,106 @@
+"""Tile configurations: one fixed small config under the interpreter, a shape heuristic on CUDA, and a
+bounded per-bucket autotuner whose results are cached per device and shape.
+
+Autotuning rules (GUIDE §4, issue 4):
+* never under the interpreter (one small config; interpreted cost grows with the program count);
+* ``FUSEDAD_AUTOTUNE=0`` turns it off: the heuristic config is used as is;
+* at most ``len(candidates(...))`` (≤ 6) configs are timed per (device, kernel, flags, M bucket, N, K,
+  dtype), each for a few milliseconds, once per process; compiled kernels are reused across shapes, so
+  a new shape in a known bucket costs timing only.
+"""
+import dataclasses
+import os
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def launch_kwargs(self):
+        return dataclasses.asdict(self)
+
+
+def _pow2_clamp(n, lo, hi):
+    p = lo
+    while p < n and p < hi:
+        p *= 2
+    return p
+
+
+def interpreter_config(M, N, K):
+    """Small power-of-two tiles (16 … 64) that cover tiny shapes in one or few programs."""
+    return TileConfig(_pow2_clamp(M, 16, 64), _pow2_clamp(N, 16, 64), _pow2_clamp(K, 16, 64),
+                      GROUP_M=8, num_warps=4, num_stages=1)
+
+
+def m_bucket(M):
+    """Autotune bucket for the row count: powers of two from 16 up to 8192 (M ≤ 16 is one bucket)."""
+    return _pow2_clamp(M, 16, 8192)
+
+
+def _scale_k(cfgs, dtype):
+    # The same shared-memory budget holds half the K depth at 4-byte and a quarter at 8-byte elements.
+    if dtype == torch.float32:
+        return [dataclasses.replace(c, BLOCK_K=max(16, c.BLOCK_K // 2)) for c in cfgs]
+    return cfgs
+
+
+def candidates(M, N, K, dtype):
+    """The bounded config set timed for this shape bucket (first entry = the heuristic's pick)."""
+    if dtype == torch.float64:
+        return [TileConfig(64, 64, 16, 8, 4, 2), TileConfig(32, 64, 32, 8, 4, 2), TileConfig(64, 32, 32, 8, 4, 2)]
+    if M <= 16:
+        # Decode: the weight read dominates; narrow-M tiles, deep K, many N tiles to fill the SMs.
+        cfgs = [TileConfig(16, 64, 128, 1, 4, 4), TileConfig(16, 128, 128, 1, 4, 4),
+                TileConfig(16, 32, 256, 1, 4, 3), TileConfig(16, 64, 256, 1, 4, 3)]
+    elif M <= 128:
+        cfgs = [TileConfig(64, 64, 64, 8, 4, 4), TileConfig(64, 128, 64, 8, 4, 4),
+                TileConfig(32, 64, 128, 8, 4, 4), TileConfig(128, 64, 64, 8, 4, 4)]
+    else:
+        cfgs = [TileConfig(128, 128, 64, 8, 8, 3), TileConfig(128, 256, 64, 8, 8, 3),
+                TileConfig(256, 128, 64, 8, 8, 3), TileConfig(64, 128, 64, 8, 4, 4),
+                TileConfig(128, 64, 64, 8, 4, 4), TileConfig(64, 64, 64, 8, 4, 4)]
+    return _scale_k(cfgs, dtype)
+
+
+def autotune_enabled():
+    return os.environ.get("FUSEDAD_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+_CACHE = {}
+
+
+def tuned_config(key, M, N, K, dtype, run, bench):
+    """Best of ``candidates(M, N, K, dtype)`` for ``key``, timed once and cached.
+
+    key:   hashable (device, kernel, constexpr flags, m_bucket(M), N, K, dtype)
+    run:   run(cfg) launches the kernel with that config (must be idempotent: it is called repeatedly)
+    bench: bench(fn) -> milliseconds (``triton.testing.do_bench`` on CUDA)
+    A config that fails to compile or launch (e.g. out of shared memory) is skipped.
+    """
+    if key in _CACHE:
+        return _CACHE[key]
+    cands = candidates(M, N, K, dtype)
+    if not autotune_enabled():
+        return cands[0]
+    best, best_ms = cands[0], float("inf")
+    for cfg in cands:
+        try:
+            ms = bench(lambda cfg=cfg: run(cfg))
+        except Exception:  # noqa: BLE001 - OutOfResources / compile errors: not a usable config
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _CACHE[key] = best
+    return best
+
+
+def clear_cache():
+    _CACHE.clear()

@@ -1,0 +1,249 @@
+"""The one GEMM tile body, and the two kernels built on it.
+
+Everything is a tile of ``C[M, N] = Σ_k A[m, k]·B[k, n]`` over arbitrary strides (so transposed, sliced
+or expanded operands need no copy), specialised by ``tl.constexpr`` flags:
+
+* forward  ``_linear_fwd_kernel``: A = X (M×K), B = Wᵀ (the nn.Linear weight (N, K) read with swapped
+  strides). Epilogue on the fp32/fp64 accumulator: ``Z = acc + b``, optionally store Z (only when a
+  backward will need it), ``Y = act(Z)``. With tangents it is the seed's forward mode in lockstep: the
+  same X and W tiles also feed ``Ż = Ẋ·Wᵀ + X·Ẇᵀ + ḃ`` and ``Ẏ = act'(Z) ⊙ Ż`` is written beside Y.
+* backward ``_linear_bwd_kernel``: one grid covering the tiles of both products,
+      dX = dZ·W      (M×K, reduce over N)        dW = dZᵀ·X      (N×K, reduce over M)
+  with ``dZ = dY ⊙ act'(Z)`` formed in the A-operand prologue (no separate elementwise pass) and
+  ``db = Σ_m dZ`` summed from the same A tiles in the dW tiles of the first K column.
+
+Offsets are int32 unless the launcher sets ``INT64``: it does so whenever any operand's largest element
+offset reaches 2³¹ (a >2³¹-element tensor, or a view with a huge stride), where int32 would wrap.
+"""
+import triton
+import triton.language as tl
+
+from .activations import apply_activation, chain_activation
+
+
+@triton.jit
+def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ("super-grouping") tile order: GROUP_M row-tiles share each B column panel in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _tile_offsets(pid_m, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr):
+    if INT64:
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n
+
+
+@triton.jit
+def _gemm_tile(
+    # pointers: A (M×K), B (K×N), S = what the forward saved for act' (indexed like A), tangents Ȧ, Ḃ
+    a_ptr, b_ptr, s_ptr, at_ptr, bt_ptr,
+    # tile and problem sizes (K is the reduction length)
+    pid_m, pid_n, M, N, K,
+    # strides, in the A / B frames
+    stride_am, stride_ak, stride_bk, stride_bn, stride_sm, stride_sk,
+    stride_atm, stride_atk, stride_btk, stride_btn,
+    # constexprs
+    PROLOGUE_ACT: tl.constexpr,  # A ← A ⊙ act'(S): dZ from dY on the fly (0: A used as loaded)
+    ROWSUM_A: tl.constexpr,  # also return Σ_k A[m, k] in the accumulator dtype (the bias gradient)
+    WITH_DOT: tl.constexpr,  # False: only the row sum (bias gradient of a frozen weight)
+    HAS_AT: tl.constexpr, HAS_BT: tl.constexpr,  # forward mode: acc_t = Ȧ·B + A·Ḃ, sharing A and B
+    ACC_DTYPE: tl.constexpr, UPCAST_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (BLOCK_M × BLOCK_N) tile: returns (acc, acc_t, rowsum), all in ACC_DTYPE."""
+    offs_m, offs_n = _tile_offsets(pid_m, pid_n, BLOCK_M, BLOCK_N, INT64)
+    offs_k = tl.arange(0, BLOCK_K)
+    if INT64:
+        offs_k = offs_k.to(tl.int64)
+        # The pointer steps below are BLOCK_K·stride: an int32 stride times BLOCK_K can wrap too.
+        stride_ak = tl.cast(stride_ak, tl.int64)
+        stride_bk = tl.cast(stride_bk, tl.int64)
+        stride_sk = tl.cast(stride_sk, tl.int64)
+        stride_atk = tl.cast(stride_atk, tl.int64)
+        stride_btk = tl.cast(stride_btk, tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    # Pointer blocks only for the streams this specialisation reads (the interpreter would otherwise
+    # evaluate the dead index math: each block op costs it ~0.1 ms).
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    if WITH_DOT:
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    if PROLOGUE_ACT != 0:
+        s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_k[None, :] * stride_sk
+    if HAS_AT:
+        at_ptrs = at_ptr + offs_m[:, None] * stride_atm + offs_k[None, :] * stride_atk
+    if HAS_BT:
+        bt_ptrs = bt_ptr + offs_k[:, None] * stride_btk + offs_n[None, :] * stride_btn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k0 * BLOCK_K
+        mask_a = mask_m[:, None] & (offs_k[None, :] < k_left)
+        a = tl.load(a_ptrs, mask=mask_a, other=0.0)
+        if PROLOGUE_ACT != 0:
+            s = tl.load(s_ptrs, mask=mask_a, other=0.0)
+            dz = chain_activation(a.to(ACC_DTYPE), s.to(ACC_DTYPE), PROLOGUE_ACT)
+            if ROWSUM_A:
+                rowsum += tl.sum(dz, axis=1)
+            # dZ enters the tensor-core product in the operand dtype, as eager's dZ tensor would.
+            a = dz.to(a.dtype)
+            s_ptrs += BLOCK_K * stride_sk
+        elif ROWSUM_A:
+            rowsum += tl.sum(a.to(ACC_DTYPE), axis=1)
+        if WITH_DOT:
+            mask_b = (offs_k[:, None] < k_left) & mask_n[None, :]
+            b = tl.load(b_ptrs, mask=mask_b, other=0.0)
+            if UPCAST_BF16:
+                # The interpreter's bf16 tl.dot is wrong (triton #11584, rel. error ~1e10 on 3.9);
+                # bf16→fp32 conversion is exact, so the fp32 product equals the bf16 tensor-core one.
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if HAS_AT:
+                at = tl.load(at_ptrs, mask=mask_a, other=0.0)
+                if UPCAST_BF16:
+                    at = at.to(tl.float32)
+                acc_t = tl.dot(at, b, acc_t, input_precision=PRECISION)
+                at_ptrs += BLOCK_K * stride_atk
+            if HAS_BT:
+                bt = tl.load(bt_ptrs, mask=mask_b, other=0.0)
+                if UPCAST_BF16:
+                    bt = bt.to(tl.float32)
+                acc_t = tl.dot(a, bt, acc_t, input_precision=PRECISION)
+                bt_ptrs += BLOCK_K * stride_btk
+            b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += BLOCK_K * stride_ak
+    return acc, acc_t, rowsum
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, xt_ptr, wt_ptr, bt_ptr, yt_ptr, zt_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_yn, stride_zm, stride_zn,
+    stride_xtm, stride_xtk, stride_wtn, stride_wtk, stride_bt, stride_ytm, stride_ytn, stride_ztm, stride_ztn,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
+    HAS_XT: tl.constexpr, HAS_WT: tl.constexpr, HAS_BT: tl.constexpr, STORE_ZT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y = act(X·Wᵀ + b)  [Z stored if STORE_Z];  with tangents  Ẏ = act'(Z) ⊙ (Ẋ·Wᵀ + X·Ẇᵀ + ḃ).
+
+    x: (M, K)  w: (N, K)  b: (N,)  y, z, ẏ, ż: (M, N)
+    """
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc, acc_t, _ = _gemm_tile(
+        x_ptr, w_ptr, x_ptr, xt_ptr, wt_ptr,
+        pid_m, pid_n, M, N, K,
+        stride_xm, stride_xk, stride_wk, stride_wn, 0, 0,
+        stride_xtm, stride_xtk, stride_wtk, stride_wtn,
+        0, False, True, HAS_XT, HAS_WT,
+        ACC_DTYPE, UPCAST_BF16, PRECISION, INT64, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
+    offs_m, offs_n = _tile_offsets(pid_m, pid_n, BLOCK_M, BLOCK_N, INT64)
+    mask_n = offs_n < N
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+
+    z = acc
+    if HAS_BIAS:
+        z += tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn,
+                 z.to(z_ptr.dtype.element_ty), mask=mask)
+    y = apply_activation(z, ACT)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    if HAS_XT or HAS_WT or HAS_BT:
+        zt = acc_t
+        if HAS_BT:
+            zt += tl.load(bt_ptr + offs_n * stride_bt, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+        if STORE_ZT:
+            tl.store(zt_ptr + offs_m[:, None] * stride_ztm + offs_n[None, :] * stride_ztn,
+                     zt.to(zt_ptr.dtype.element_ty), mask=mask)
+        # relu's derivative is read from y (see chain_activation), the smooth ones' from z.
+        if ACT == 1:
+            yt = chain_activation(zt, y, ACT)
+        else:
+            yt = chain_activation(zt, z, ACT)
+        tl.store(yt_ptr + offs_m[:, None] * stride_ytm + offs_n[None, :] * stride_ytn,
+                 yt.to(yt_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _linear_bwd_kernel(
+    dy_ptr, x_ptr, w_ptr, s_ptr, dx_ptr, dw_ptr, db_ptr,
+    M, N, K,
+    stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
+    stride_dxm, stride_dxk, stride_dwn, stride_dwk, stride_db,
+    ACT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dZ = dY ⊙ act'(S);  dX = dZ·W,  dW = dZᵀ·X,  db = Σ_m dZ — one grid for all requested.
+
+    dy, s: (M, N)  x: (M, K)  w: (N, K)  dx: (M, K)  dw: (N, K)  db: (N,)
+    Program ids [0, tiles(dX)) compute dX tiles, the rest dW tiles (or, with COMPUTE_DW off, only
+    the db row sums, one program per BLOCK_M slice of N).
+    """
+    pid = tl.program_id(0)
+    if COMPUTE_DX:
+        tiles_dx = tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_N)
+    else:
+        tiles_dx = 0
+    if pid < tiles_dx:
+        # dX[m, k] = Σ_n dZ[m, n]·W[n, k]: A = dZ (M×N), B = W (N×K).
+        pid_m, pid_k = _tile_coords(pid, M, K, BLOCK_M, BLOCK_N, GROUP_M)
+        acc, _, _ = _gemm_tile(
+            dy_ptr, w_ptr, s_ptr, dy_ptr, w_ptr,
+            pid_m, pid_k, M, K, N,
+            stride_dym, stride_dyn, stride_wn, stride_wk, stride_sm, stride_sn,
+            0, 0, 0, 0,
+            ACT, False, True, False, False,
+            ACC_DTYPE, UPCAST_BF16, PRECISION, INT64, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+        offs_m, offs_k = _tile_offsets(pid_m, pid_k, BLOCK_M, BLOCK_N, INT64)
+        mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+        tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+                 acc.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        # dW[n, k] = Σ_m dZ[m, n]·X[m, k]: A = dZᵀ (N×M, dY and S read with swapped strides), B = X.
+        if COMPUTE_DW:
+            pid_n, pid_k = _tile_coords(pid - tiles_dx, N, K, BLOCK_M, BLOCK_N, GROUP_M)
+        else:
+            pid_n = pid
+            pid_k = 0
+        acc, _, rowsum = _gemm_tile(
+            dy_ptr, x_ptr, s_ptr, dy_ptr, x_ptr,
+            pid_n, pid_k, N, K, M,
+            stride_dyn, stride_dym, stride_xm, stride_xk, stride_sn, stride_sm,
+            0, 0, 0, 0,
+            ACT, COMPUTE_DB, COMPUTE_DW, False, False,
+            ACC_DTYPE, UPCAST_BF16, PRECISION, INT64, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+        offs_n, offs_k = _tile_offsets(pid_n, pid_k, BLOCK_M, BLOCK_N, INT64)
+        mask_n = offs_n < N
+        if COMPUTE_DW:
+            mask = mask_n[:, None] & (offs_k < K)[None, :]
+            tl.store(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+                     acc.to(dw_ptr.dtype.element_ty), mask=mask)
+        if COMPUTE_DB:
+            # Every K column of tiles sees the same dZ rows; the first one writes db (no atomics).
+            if pid_k == 0:
+                tl.store(db_ptr + offs_n * stride_db, rowsum.to(db_ptr.dtype.element_ty), mask=mask_n)

@@ -1,0 +1,225 @@
+"""Launch wrappers for the fused linear kernels: check, allocate, pick a config, launch.
+
+No autograd here: these take plain tensors and return plain tensors. Shapes (nn.Linear layout):
+
+    x: (M, K)   weight: (N, K)   bias: (N,)   y, z, grad_y: (M, N)
+    grad_x: (M, K)   grad_w: (N, K)   grad_b: (N,)
+
+Any strides are accepted (transposed, sliced, stride-0 expanded); outputs are freshly allocated and
+contiguous.
+"""
+import contextlib
+import dataclasses
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from . import configs
+from .activations import ACT_NONE
+from .gemm import _linear_bwd_kernel, _linear_fwd_kernel
+
+#: True when the kernels were defined under TRITON_INTERPRET=1: they then run on CPU tensors through
+#: Triton's interpreter (numpy) instead of being compiled for a GPU.
+INTERPRETER = isinstance(_linear_fwd_kernel, InterpretedFunction)
+
+#: Fill every output with NaN before the kernel writes it, so an element a kernel forgot shows up.
+#: Off by default (costs a fill); the test suite turns it on with FUSEDAD_POISON_OUTPUTS=1.
+POISON_OUTPUTS = os.environ.get("FUSEDAD_POISON_OUTPUTS", "0") == "1"
+
+_INT32_LIMIT = 2**31
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch, as recorded by :func:`record_launches`."""
+
+    kernel: str
+    grid: tuple
+    flags: dict
+
+
+_RECORDERS = []
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Collect a :class:`Launch` for every kernel launched inside the ``with`` block."""
+    log = []
+    _RECORDERS.append(log)
+    try:
+        yield log
+    finally:
+        _RECORDERS.remove(log)
+
+
+def _alloc(shape, like, dtype=None):
+    dtype = like.dtype if dtype is None else dtype
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _max_offset(t):
+    return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+
+
+def needs_int64(*tensors):
+    """True if any tensor has an element offset ≥ 2³¹ (int32 index math would wrap)."""
+    return any(t is not None and _max_offset(t) >= _INT32_LIMIT - 1 for t in tensors)
+
+
+def dot_precision(dtype):
+    """tl.dot input precision for float32 that follows PyTorch's own matmul setting.
+
+    Triton's default for fp32 is TF32, PyTorch's is IEEE (``torch.backends.cuda.matmul.allow_tf32`` is
+    False unless ``torch.set_float32_matmul_precision("high"/"medium")`` or the flag is set).
+    """
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _common_flags(dtype, *tensors):
+    return dict(
+        ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        UPCAST_BF16=INTERPRETER and dtype == torch.bfloat16,
+        PRECISION=dot_precision(dtype),
+        INT64=needs_int64(*tensors),
+    )
+
+
+def _strides(t, ndim):
+    return tuple(t.stride()) if t is not None else (0,) * ndim
+
+
+def _launch(kernel, name, grid_fn, args, flags, M, N, K, dtype, device):
+    """Pick a config (interpreter / heuristic / cached autotune), record and launch."""
+    if INTERPRETER:
+        cfg = configs.interpreter_config(M, N, K)
+    else:
+        def run(c):
+            kernel[grid_fn(c)](*args, **flags, **c.launch_kwargs())
+
+        with torch.cuda.device(device):
+            cfg = configs.tuned_config(
+                (torch.cuda.get_device_name(device), name, tuple(sorted(flags.items())),
+                 configs.m_bucket(M), N, K, dtype),
+                M, N, K, dtype, run, lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20))
+    grid = grid_fn(cfg)
+    for log in _RECORDERS:
+        log.append(Launch(name, grid, dict(flags, **cfg.launch_kwargs())))
+    if grid[0] == 0:
+        return
+    if INTERPRETER:
+        kernel[grid](*args, **flags, **cfg.launch_kwargs())
+    else:
+        # The tensors' own device, not the current one: a backward may run on another thread/device.
+        with torch.cuda.device(device):
+            kernel[grid](*args, **flags, **cfg.launch_kwargs())
+
+
+def linear_forward(x, weight, bias=None, activation=ACT_NONE, store_preact=False,
+                   x_tangent=None, weight_tangent=None, bias_tangent=None, store_preact_tangent=False):
+    """``y = act(x·weightᵀ + bias)`` in one kernel; optionally forward-mode tangents in the same pass.
+
+    Args:
+        x: (M, K); weight: (N, K); bias: (N,) or None — one floating dtype, one device.
+        activation: an ``ACT_*`` id.
+        store_preact: also return ``z = x·weightᵀ + bias`` (what a backward of gelu/silu needs).
+        x_tangent, weight_tangent, bias_tangent: Ẋ (M, K), Ẇ (N, K), ḃ (N,), each optional.
+        store_preact_tangent: also return ``ż`` when tangents are given.
+    Returns:
+        (y, z, y_tangent, z_tangent): y (M, N); the others (M, N) or None.
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    tangent = x_tangent is not None or weight_tangent is not None or bias_tangent is not None
+    y = _alloc((M, N), x)
+    z = _alloc((M, N), x) if store_preact else None
+    yt = _alloc((M, N), x) if tangent else None
+    zt = _alloc((M, N), x) if tangent and store_preact_tangent else None
+    if M == 0 or N == 0:
+        return y, z, yt, zt
+    flags = dict(
+        ACT=activation, HAS_BIAS=bias is not None, STORE_Z=z is not None,
+        HAS_XT=x_tangent is not None, HAS_WT=weight_tangent is not None,
+        HAS_BT=bias_tangent is not None, STORE_ZT=zt is not None,
+        **_common_flags(x.dtype, x, weight, bias, x_tangent, weight_tangent, bias_tangent, y),
+    )
+    # Unused pointer slots get a real tensor (never dereferenced: their constexpr flag is off).
+    args = (
+        x, weight, _or(bias, y), y, _or(z, y), _or(x_tangent, x), _or(weight_tangent, weight),
+        _or(bias_tangent, y), _or(yt, y), _or(zt, y),
+        M, N, K,
+        *x.stride(), *weight.stride(), *_strides(bias, 1)[:1], *y.stride(), *_strides(z, 2),
+        *_strides(x_tangent, 2), *_strides(weight_tangent, 2), *_strides(bias_tangent, 1)[:1],
+        *_strides(yt, 2), *_strides(zt, 2),
+    )
+
+    def grid(c):
+        return (triton.cdiv(M, c.BLOCK_M) * triton.cdiv(N, c.BLOCK_N),)
+
+    _launch(_linear_fwd_kernel, "linear_fwd", grid, args, flags, M, N, K, x.dtype, x.device)
+    return y, z, yt, zt
+
+
+def linear_backward(grad_y, x, weight, saved, activation=ACT_NONE,
+                    need_x=True, need_weight=True, need_bias=False):
+    """dZ = dY ⊙ act'(saved);  dX = dZ·W,  dW = dZᵀ·X,  db = Σ_rows dZ — one launch for all requested.
+
+    Args:
+        grad_y: (M, N); x: (M, K) (may be None if not need_weight); weight: (N, K) (may be None if
+        not need_x); saved: (M, N) — relu: the forward's output y; gelu/gelu_tanh/silu: the
+        pre-activation z; None for ACT_NONE.
+    Returns:
+        (grad_x (M, K) or None, grad_w (N, K) or None, grad_b (N,) or None)
+    """
+    M, N = grad_y.shape
+    K = x.shape[1] if x is not None else weight.shape[1]
+    ref = x if x is not None else weight
+    dx = _alloc((M, K), ref) if need_x else None
+    dw = _alloc((N, K), ref) if need_weight else None
+    db = _alloc((N,), ref) if need_bias else None
+    compute_dx = need_x and M > 0 and K > 0
+    compute_dw = need_weight and N > 0 and K > 0
+    compute_db = need_bias and N > 0
+    if not (compute_dx or compute_dw or compute_db):
+        return dx, dw, db
+    if need_x and not compute_dx:
+        dx.zero_()
+    if need_weight and not compute_dw:
+        dw.zero_()
+    flags = dict(
+        ACT=activation, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+        **_common_flags(ref.dtype, grad_y, x, weight, saved, dx, dw),
+    )
+    s = saved if activation != ACT_NONE else grad_y
+    args = (
+        grad_y, _or(x, ref), _or(weight, ref), s, _or(dx, ref), _or(dw, ref), _or(db, ref),
+        M, N, K,
+        *grad_y.stride(), *_strides(x, 2), *_strides(weight, 2), *s.stride(),
+        *_strides(dx, 2), *_strides(dw, 2), *_strides(db, 1)[:1],
+    )
+
+    def grid(c):
+        tiles_dx = triton.cdiv(M, c.BLOCK_M) * triton.cdiv(K, c.BLOCK_N) if compute_dx else 0
+        if compute_dw:
+            tiles_dw = triton.cdiv(N, c.BLOCK_M) * triton.cdiv(K, c.BLOCK_N)
+        else:
+            tiles_dw = triton.cdiv(N, c.BLOCK_M) if compute_db else 0
+        return (tiles_dx + tiles_dw,)
+
+    # Both products share one config (one launch); the autotune key holds all of M, N, K.
+    _launch(_linear_bwd_kernel, "linear_bwd", grid, args, flags, M, N, K, ref.dtype, ref.device)
+    return dx, dw, db
+
+
+def _or(t, default):
+    return t if t is not None else default
+
+
+__all__ = ["linear_forward", "linear_backward", "record_launches", "Launch", "INTERPRETER",
+           "needs_int64", "dot_precision"]
