@@ -148,7 +148,7 @@ def _linear_fwd_kernel(
     x: (M, K)  w: (N, K)  b: (N,)  y, z, ẏ, ż: (M, N)
     """
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc, acc_t, _ = _gemm_tile(
+    acc, acc_t, _unused_rowsum = _gemm_tile(
         x_ptr, w_ptr, x_ptr, xt_ptr, wt_ptr,
         pid_m, pid_n, M, N, K,
         stride_xm, stride_xk, stride_wk, stride_wn, 0, 0,
@@ -210,7 +210,8 @@ def _linear_bwd_kernel(
     if pid < tiles_dx:
         # dX[m, k] = Σ_n dZ[m, n]·W[n, k]: A = dZ (M×N), B = W (N×K).
         pid_m, pid_k = _tile_coords(pid, M, K, BLOCK_M, BLOCK_N, GROUP_M)
-        acc, _, _ = _gemm_tile(
+        # (Names assigned in both branches must agree in type for the compiler: no shared "_".)
+        acc_dx, _unused_t, _unused_rowsum = _gemm_tile(
             dy_ptr, w_ptr, s_ptr, dy_ptr, w_ptr,
             pid_m, pid_k, M, K, N,
             stride_dym, stride_dyn, stride_wn, stride_wk, stride_sm, stride_sn,
@@ -221,15 +222,15 @@ def _linear_bwd_kernel(
         offs_m, offs_k = _tile_offsets(pid_m, pid_k, BLOCK_M, BLOCK_N, INT64)
         mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
         tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-                 acc.to(dx_ptr.dtype.element_ty), mask=mask)
+                 acc_dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
         # dW[n, k] = Σ_m dZ[m, n]·X[m, k]: A = dZᵀ (N×M, dY and S read with swapped strides), B = X.
         if COMPUTE_DW:
             pid_n, pid_k = _tile_coords(pid - tiles_dx, N, K, BLOCK_M, BLOCK_N, GROUP_M)
         else:
-            pid_n = pid
+            pid_n = pid - tiles_dx
             pid_k = 0
-        acc, _, rowsum = _gemm_tile(
+        acc_dw, _unused_dw_t, rowsum = _gemm_tile(
             dy_ptr, x_ptr, s_ptr, dy_ptr, x_ptr,
             pid_n, pid_k, N, K, M,
             stride_dyn, stride_dym, stride_xm, stride_xk, stride_sn, stride_sm,
@@ -242,7 +243,7 @@ def _linear_bwd_kernel(
         if COMPUTE_DW:
             mask = mask_n[:, None] & (offs_k < K)[None, :]
             tl.store(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
-                     acc.to(dw_ptr.dtype.element_ty), mask=mask)
+                     acc_dw.to(dw_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_DB:
             # Every K column of tiles sees the same dZ rows; the first one writes db (no atomics).
             if pid_k == 0:

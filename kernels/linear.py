@@ -171,15 +171,16 @@ def linear_backward(grad_y, x, weight, saved, activation=ACT_NONE,
     """dZ = dY ⊙ act'(saved);  dX = dZ·W,  dW = dZᵀ·X,  db = Σ_rows dZ — one launch for all requested.
 
     Args:
-        grad_y: (M, N); x: (M, K) (may be None if not need_weight); weight: (N, K) (may be None if
-        not need_x); saved: (M, N) — relu: the forward's output y; gelu/gelu_tanh/silu: the
+        grad_y: (M, N); x: (M, K) (None if not need_weight); weight: (N, K) (None if not need_x);
+        saved: (M, N) — relu: the forward's output y; gelu/gelu_tanh/silu: the
         pre-activation z; None for ACT_NONE.
     Returns:
         (grad_x (M, K) or None, grad_w (N, K) or None, grad_b (N,) or None)
     """
     M, N = grad_y.shape
-    K = x.shape[1] if x is not None else weight.shape[1]
-    ref = x if x is not None else weight
+    # The tensor that gives K and the output dtype/device (neither x nor weight is kept for db alone).
+    ref = x if x is not None else weight if weight is not None else grad_y
+    K = ref.shape[1] if ref is not grad_y else 0
     dx = _alloc((M, K), ref) if need_x else None
     dw = _alloc((N, K), ref) if need_weight else None
     db = _alloc((N,), ref) if need_bias else None

@@ -1,0 +1,94 @@
+"""Shared test setup: run the real kernels through Triton's interpreter when there is no GPU, poison
+every kernel output with NaN, and the tolerance rule of GUIDE §7.
+
+On a CUDA machine the interpreter stays off: "cuda" tests run the compiled kernels and "cpu" tests run
+the eager path (``fusedad.backend`` tells which ran; tests that need the kernels say so).
+"""
+import os
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of fusedad.kernels
+os.environ.setdefault("FUSEDAD_POISON_OUTPUTS", "1")  # an element a kernel forgot to write reads NaN
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fusedad  # noqa: E402
+from fusedad import activations  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+ACTS = [None, "relu", "gelu", "gelu_tanh", "silu"]
+
+# The floor of the rule "our error vs fp64 ≤ 2 × eager's error vs fp64 + floor" (GUIDE §7).
+FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def runs_kernels(device):
+    """True where fusedad runs the Triton kernels (compiled or interpreted) for this device."""
+    return fusedad.backend(torch.device(device)) != "eager"
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=False, scale=1.0):
+    """Fresh random data (never zeros), rounded to ``dtype``."""
+    t = (torch.randn(shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def rel_err(out, ref):
+    """‖out − ref‖ / ‖ref‖ in float64; NaN/Inf in ``out`` fail loudly (NaN never passes)."""
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(out).all(), "non-finite values (a kernel left a poisoned element or overflowed)"
+    if ref.numel() == 0:
+        return 0.0
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_matches(out, ref64, eager, what=""):
+    """GUIDE §7: err(out) ≤ 2·err(eager) + floor(dtype), both measured against the fp64 reference."""
+    err, eager_err = rel_err(out, ref64), rel_err(eager, ref64)
+    bound = 2 * eager_err + FLOOR[out.dtype]
+    assert err <= bound, f"{what}: rel. error {err:.3e} > bound {bound:.3e} (eager {eager_err:.3e}, {out.dtype})"
+
+
+def reference_linear(x, w, b, activation):
+    """act(x·wᵀ + b) with PyTorch ops, in the tensors' own dtype (autograd-capable)."""
+    return activations.apply(F.linear(x, w, b), activation)
+
+
+def check_against_references(x, w, b, activation, dy=None, fused=fusedad.linear):
+    """Forward (and, with dy, every gradient that is required) of ``fused`` vs fp64 and eager references.
+
+    x, w, b: leaf tensors in the test dtype (their requires_grad chooses the gradients checked).
+    """
+    leaves = [t for t in (x, w, b) if t is not None]
+    y = fused(x, w, b, activation)
+    as64 = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    ase = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+    x64, w64, b64 = as64 + [None] * (3 - len(as64))
+    xe, we, be = ase + [None] * (3 - len(ase))
+    y64 = reference_linear(x64, w64, b64, activation)
+    ye = reference_linear(xe, we, be, activation)
+    assert y.dtype == x.dtype and y.shape == ye.shape
+    assert_matches(y, y64, ye, f"forward ({activation})")
+    if dy is None:
+        return y
+    wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
+    grads = torch.autograd.grad(y, [leaves[i] for i in wanted], dy)
+    grads64 = torch.autograd.grad(y64, [as64[i] for i in wanted], dy.double())
+    grads_e = torch.autograd.grad(ye, [ase[i] for i in wanted], dy)
+    for i, g, g64, ge in zip(wanted, grads, grads64, grads_e):
+        assert g.dtype == leaves[i].dtype
+        assert_matches(g, g64, ge, f"grad of {['input', 'weight', 'bias'][i]} ({activation})")
+    return y
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Different, but reproducible, random data per test."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
