@@ -4,7 +4,7 @@ import math
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from . import activations, backend
+from . import activations, backend, ops
 from ._validate import check_linear_args
 from .autograd import FusedLinearFunction, is_functorch_tensor
 
@@ -59,30 +59,50 @@ def _autocast(input, weight, bias):
 
 
 def _forward_tangents(x, weight, bias):
-    """Forward-mode tangents of the arguments, if some are visible as dual tensors here, else None."""
+    """Forward-mode (primal, tangent) pairs of the arguments as plain tensors, or None.
+
+    None when no argument carries a tangent. Under ``torch.func.jvp`` the dual tensors are functorch
+    wrappers of one level; they are unwrapped here (a primal computed from the unwrapped values is
+    what functorch expects from the Function's forward and jvp). Returns None as well when any value is
+    still wrapped after that (jacfwd's batched tangents, nested transforms): the Function's own
+    jvp then builds the tangent from fusedad calls.
+    """
     if fwAD._current_level < 0 and not any(is_functorch_tensor(t) for t in (x, weight, bias)):
         return None
-    unpacked = [fwAD.unpack_dual(t) if t is not None else None for t in (x, weight, bias)]
-    if all(u is None or u.tangent is None for u in unpacked):
+    pairs = []
+    for t in (x, weight, bias):
+        if t is None:
+            pairs.append((None, None))
+            continue
+        primal, tangent = fwAD.unpack_dual(t)
+        pairs.append((_unwrap_grad_level(primal), _unwrap_grad_level(tangent)))
+    if all(tangent is None for _, tangent in pairs):
         return None
-    return unpacked
+    return pairs
+
+
+def _unwrap_grad_level(t):
+    if t is not None and torch._C._functorch.is_gradtrackingtensor(t):
+        return torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def _linear_2d(x, weight, bias, activation):
     """x: (M, K), weight: (N, K), bias: (N,) | None -> (M, N)."""
+    if torch.compiler.is_compiling():
+        # Dynamo: an opaque custom op with registered autograd; its CUDA body is our Triton kernels.
+        return ops.linear(x, weight, bias, activation)
     wrapped = any(is_functorch_tensor(t) for t in (x, weight, bias))
     duals = _forward_tangents(x, weight, bias)
-    if duals is not None:
-        plain = [u for u in duals if u is not None]
-        if not any(is_functorch_tensor(u.primal) or is_functorch_tensor(u.tangent) for u in plain):
-            # The seed's forward mode in lockstep: one kernel emits y, z, ẏ and ż from shared tiles.
-            px, pw, pb = (u.primal if u is not None else None for u in duals)
-            tx, tw, tb = (u.tangent if u is not None else None for u in duals)
-            smooth = activation in activations.SMOOTH
-            with torch.no_grad():
-                pre = backend.forward(px, pw, pb, activation, store_preact=smooth, x_tangent=tx,
-                                      weight_tangent=tw, bias_tangent=tb, store_preact_tangent=smooth)
-            return FusedLinearFunction.apply(x, weight, bias, activation, pre)[0]
+    if duals is not None and not any(is_functorch_tensor(t) for pair in duals for t in pair):
+        # The seed's forward mode in lockstep: one kernel emits y, z, ẏ and ż from shared X/W tiles.
+        (px, tx), (pw, tw), (pb, tb) = duals
+        smooth = activation in activations.SMOOTH
+        # Below the transforms: new tensors (the kernel's outputs) must be plain, not jvp-level wrappers.
+        with torch.no_grad(), torch._C._DisableFuncTorch():
+            pre = backend.forward(px, pw, pb, activation, store_preact=smooth, x_tangent=tx, weight_tangent=tw,
+                                  bias_tangent=tb, store_preact_tangent=smooth)
+        return FusedLinearFunction.apply(x, weight, bias, activation, pre)[0]
     if wrapped or duals is not None or (torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
         return FusedLinearFunction.apply(x, weight, bias, activation, None)[0]

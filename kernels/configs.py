@@ -77,18 +77,19 @@ def autotune_enabled():
 _CACHE = {}
 
 
-def tuned_config(key, M, N, K, dtype, run, bench):
+def tuned_config(key, M, N, K, dtype, run, bench, tune=True):
     """Best of ``candidates(M, N, K, dtype)`` for ``key``, timed once and cached.
 
     key:   hashable (device, kernel, constexpr flags, m_bucket(M), N, K, dtype)
     run:   run(cfg) launches the kernel with that config (must be idempotent: it is called repeatedly)
     bench: bench(fn) -> milliseconds (``triton.testing.do_bench`` on CUDA)
+    tune:  False where nothing may be timed (inside torch.compile tracing): cache hit or heuristic.
     A config that fails to compile or launch (e.g. out of shared memory) is skipped.
     """
     if key in _CACHE:
         return _CACHE[key]
     cands = candidates(M, N, K, dtype)
-    if not autotune_enabled():
+    if not (tune and autotune_enabled()):
         return cands[0]
     best, best_ms = cands[0], float("inf")
     for cfg in cands:

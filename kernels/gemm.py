@@ -60,10 +60,10 @@ def _gemm_tile(
     ROWSUM_A: tl.constexpr,  # also return Σ_k A[m, k] in the accumulator dtype (the bias gradient)
     WITH_DOT: tl.constexpr,  # False: only the row sum (bias gradient of a frozen weight)
     HAS_AT: tl.constexpr, HAS_BT: tl.constexpr,  # forward mode: acc_t = Ȧ·B + A·Ḃ, sharing A and B
-    ACC_DTYPE: tl.constexpr, UPCAST_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    FP64: tl.constexpr, UPCAST_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One (BLOCK_M × BLOCK_N) tile: returns (acc, acc_t, rowsum), all in ACC_DTYPE."""
+    """One (BLOCK_M × BLOCK_N) tile: returns (acc, acc_t, rowsum) in float32 (float64 if FP64)."""
     offs_m, offs_n = _tile_offsets(pid_m, pid_n, BLOCK_M, BLOCK_N, INT64)
     offs_k = tl.arange(0, BLOCK_K)
     if INT64:
@@ -89,23 +89,28 @@ def _gemm_tile(
     if HAS_BT:
         bt_ptrs = bt_ptr + offs_k[:, None] * stride_btk + offs_n[None, :] * stride_btn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    acc_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    # The accumulator dtype is chosen by a bool, not passed as a tl.dtype: constexprs stay plain Python
+    # values, which torch.compile's wrap_triton can put into generated code.
+    if FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc.dtype)
+    rowsum = tl.zeros((BLOCK_M,), dtype=acc.dtype)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k0 * BLOCK_K
         mask_a = mask_m[:, None] & (offs_k[None, :] < k_left)
         a = tl.load(a_ptrs, mask=mask_a, other=0.0)
         if PROLOGUE_ACT != 0:
             s = tl.load(s_ptrs, mask=mask_a, other=0.0)
-            dz = chain_activation(a.to(ACC_DTYPE), s.to(ACC_DTYPE), PROLOGUE_ACT)
+            dz = chain_activation(a.to(acc.dtype), s.to(acc.dtype), PROLOGUE_ACT)
             if ROWSUM_A:
                 rowsum += tl.sum(dz, axis=1)
             # dZ enters the tensor-core product in the operand dtype, as eager's dZ tensor would.
             a = dz.to(a.dtype)
             s_ptrs += BLOCK_K * stride_sk
         elif ROWSUM_A:
-            rowsum += tl.sum(a.to(ACC_DTYPE), axis=1)
+            rowsum += tl.sum(a.to(acc.dtype), axis=1)
         if WITH_DOT:
             mask_b = (offs_k[:, None] < k_left) & mask_n[None, :]
             b = tl.load(b_ptrs, mask=mask_b, other=0.0)
@@ -140,7 +145,7 @@ def _linear_fwd_kernel(
     stride_xtm, stride_xtk, stride_wtn, stride_wtk, stride_bt, stride_ytm, stride_ytn, stride_ztm, stride_ztn,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
     HAS_XT: tl.constexpr, HAS_WT: tl.constexpr, HAS_BT: tl.constexpr, STORE_ZT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    FP64: tl.constexpr, UPCAST_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Y = act(X·Wᵀ + b)  [Z stored if STORE_Z];  with tangents  Ẏ = act'(Z) ⊙ (Ẋ·Wᵀ + X·Ẇᵀ + ḃ).
@@ -154,7 +159,7 @@ def _linear_fwd_kernel(
         stride_xm, stride_xk, stride_wk, stride_wn, 0, 0,
         stride_xtm, stride_xtk, stride_wtk, stride_wtn,
         0, False, True, HAS_XT, HAS_WT,
-        ACC_DTYPE, UPCAST_BF16, PRECISION, INT64, BLOCK_M, BLOCK_N, BLOCK_K,
+        FP64, UPCAST_BF16, PRECISION, INT64, BLOCK_M, BLOCK_N, BLOCK_K,
     )
     offs_m, offs_n = _tile_offsets(pid_m, pid_n, BLOCK_M, BLOCK_N, INT64)
     mask_n = offs_n < N
@@ -162,7 +167,7 @@ def _linear_fwd_kernel(
 
     z = acc
     if HAS_BIAS:
-        z += tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+        z += tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
     if STORE_Z:
         tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn,
                  z.to(z_ptr.dtype.element_ty), mask=mask)
@@ -173,7 +178,7 @@ def _linear_fwd_kernel(
     if HAS_XT or HAS_WT or HAS_BT:
         zt = acc_t
         if HAS_BT:
-            zt += tl.load(bt_ptr + offs_n * stride_bt, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+            zt += tl.load(bt_ptr + offs_n * stride_bt, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
         if STORE_ZT:
             tl.store(zt_ptr + offs_m[:, None] * stride_ztm + offs_n[None, :] * stride_ztn,
                      zt.to(zt_ptr.dtype.element_ty), mask=mask)
@@ -193,7 +198,7 @@ def _linear_bwd_kernel(
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
     stride_dxm, stride_dxk, stride_dwn, stride_dwk, stride_db,
     ACT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    FP64: tl.constexpr, UPCAST_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dZ = dY ⊙ act'(S);  dX = dZ·W,  dW = dZᵀ·X,  db = Σ_m dZ — one grid for all requested.
@@ -217,7 +222,7 @@ def _linear_bwd_kernel(
             stride_dym, stride_dyn, stride_wn, stride_wk, stride_sm, stride_sn,
             0, 0, 0, 0,
             ACT, False, True, False, False,
-            ACC_DTYPE, UPCAST_BF16, PRECISION, INT64, BLOCK_M, BLOCK_N, BLOCK_K,
+            FP64, UPCAST_BF16, PRECISION, INT64, BLOCK_M, BLOCK_N, BLOCK_K,
         )
         offs_m, offs_k = _tile_offsets(pid_m, pid_k, BLOCK_M, BLOCK_N, INT64)
         mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
@@ -236,7 +241,7 @@ def _linear_bwd_kernel(
             stride_dyn, stride_dym, stride_xm, stride_xk, stride_sn, stride_sm,
             0, 0, 0, 0,
             ACT, COMPUTE_DB, COMPUTE_DW, False, False,
-            ACC_DTYPE, UPCAST_BF16, PRECISION, INT64, BLOCK_M, BLOCK_N, BLOCK_K,
+            FP64, UPCAST_BF16, PRECISION, INT64, BLOCK_M, BLOCK_N, BLOCK_K,
         )
         offs_n, offs_k = _tile_offsets(pid_n, pid_k, BLOCK_M, BLOCK_N, INT64)
         mask_n = offs_n < N

@@ -14,7 +14,6 @@ import os
 
 import torch
 import triton
-import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import configs
@@ -84,7 +83,7 @@ def dot_precision(dtype):
 
 def _common_flags(dtype, *tensors):
     return dict(
-        ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        FP64=dtype == torch.float64,
         UPCAST_BF16=INTERPRETER and dtype == torch.bfloat16,
         PRECISION=dot_precision(dtype),
         INT64=needs_int64(*tensors),
@@ -95,8 +94,13 @@ def _strides(t, ndim):
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
 
-def _launch(kernel, name, grid_fn, args, flags, M, N, K, dtype, device):
-    """Pick a config (interpreter / heuristic / cached autotune), record and launch."""
+def _launch(kernel, name, grid_fn, args, flags, M, N, K, dtype, device, wrap=None):
+    """Pick a config (interpreter / cached autotune / heuristic), record the launch and run it.
+
+    wrap: None for a plain launch, or ``torch.library.wrap_triton`` when called from a ``triton_op``
+    body that torch.compile traces — then nothing may be timed, so the config comes from the autotune
+    cache if this shape was tuned eagerly, else from the heuristic.
+    """
     if INTERPRETER:
         cfg = configs.interpreter_config(M, N, K)
     else:
@@ -104,25 +108,27 @@ def _launch(kernel, name, grid_fn, args, flags, M, N, K, dtype, device):
             kernel[grid_fn(c)](*args, **flags, **c.launch_kwargs())
 
         with torch.cuda.device(device):
-            cfg = configs.tuned_config(
-                (torch.cuda.get_device_name(device), name, tuple(sorted(flags.items())),
-                 configs.m_bucket(M), N, K, dtype),
-                M, N, K, dtype, run, lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20))
+            key = (torch.cuda.get_device_name(device), name, tuple(sorted(flags.items())), configs.m_bucket(M), N, K,
+                   dtype)
+            cfg = configs.tuned_config(key, M, N, K, dtype, run,
+                                       lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20),
+                                       tune=wrap is None)
     grid = grid_fn(cfg)
     for log in _RECORDERS:
         log.append(Launch(name, grid, dict(flags, **cfg.launch_kwargs())))
     if grid[0] == 0:
         return
+    launcher = kernel if wrap is None else wrap(kernel)
     if INTERPRETER:
-        kernel[grid](*args, **flags, **cfg.launch_kwargs())
+        launcher[grid](*args, **flags, **cfg.launch_kwargs())
     else:
         # The tensors' own device, not the current one: a backward may run on another thread/device.
         with torch.cuda.device(device):
-            kernel[grid](*args, **flags, **cfg.launch_kwargs())
+            launcher[grid](*args, **flags, **cfg.launch_kwargs())
 
 
 def linear_forward(x, weight, bias=None, activation=ACT_NONE, store_preact=False,
-                   x_tangent=None, weight_tangent=None, bias_tangent=None, store_preact_tangent=False):
+                   x_tangent=None, weight_tangent=None, bias_tangent=None, store_preact_tangent=False, wrap=None):
     """``y = act(x·weightᵀ + bias)`` in one kernel; optionally forward-mode tangents in the same pass.
 
     Args:
@@ -131,6 +137,7 @@ def linear_forward(x, weight, bias=None, activation=ACT_NONE, store_preact=False
         store_preact: also return ``z = x·weightᵀ + bias`` (what a backward of gelu/silu needs).
         x_tangent, weight_tangent, bias_tangent: Ẋ (M, K), Ẇ (N, K), ḃ (N,), each optional.
         store_preact_tangent: also return ``ż`` when tangents are given.
+        wrap: ``torch.library.wrap_triton`` inside a ``triton_op`` (see ``_launch``).
     Returns:
         (y, z, y_tangent, z_tangent): y (M, N); the others (M, N) or None.
     """
@@ -162,12 +169,12 @@ def linear_forward(x, weight, bias=None, activation=ACT_NONE, store_preact=False
     def grid(c):
         return (triton.cdiv(M, c.BLOCK_M) * triton.cdiv(N, c.BLOCK_N),)
 
-    _launch(_linear_fwd_kernel, "linear_fwd", grid, args, flags, M, N, K, x.dtype, x.device)
+    _launch(_linear_fwd_kernel, "linear_fwd", grid, args, flags, M, N, K, x.dtype, x.device, wrap)
     return y, z, yt, zt
 
 
 def linear_backward(grad_y, x, weight, saved, activation=ACT_NONE,
-                    need_x=True, need_weight=True, need_bias=False):
+                    need_x=True, need_weight=True, need_bias=False, wrap=None):
     """dZ = dY ⊙ act'(saved);  dX = dZ·W,  dW = dZᵀ·X,  db = Σ_rows dZ — one launch for all requested.
 
     Args:
@@ -214,7 +221,7 @@ def linear_backward(grad_y, x, weight, saved, activation=ACT_NONE,
         return (tiles_dx + tiles_dw,)
 
     # Both products share one config (one launch); the autotune key holds all of M, N, K.
-    _launch(_linear_bwd_kernel, "linear_bwd", grid, args, flags, M, N, K, ref.dtype, ref.device)
+    _launch(_linear_bwd_kernel, "linear_bwd", grid, args, flags, M, N, K, ref.dtype, ref.device, wrap)
     return dx, dw, db
 
 

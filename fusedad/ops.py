@@ -1,0 +1,86 @@
+"""The kernels as ``torch.library`` custom ops, for ``torch.compile`` (and ``torch.export``/opcheck).
+
+    fusedad::linear_fwd(x (M,K), weight (N,K), bias (N,)?, activation, store_preact) -> (y (M,N), z)
+    fusedad::linear_bwd(grad_y (M,N), x?, weight?, saved?, activation, need_x, need_weight, need_bias)
+        -> (grad_x (M,K), grad_w (N,K), grad_b (N,))
+
+z is (M, N) when ``store_preact`` else an empty (0,) tensor; a gradient not asked for comes back as
+an empty (0,) tensor (custom-op outputs cannot be None). ``activation`` is "none", "relu", "gelu",
+"gelu_tanh" or "silu".
+
+They are ``triton_op``s: on CUDA the body launches our kernels through ``wrap_triton``, so Inductor sees
+(and schedules) the real Triton kernels; on other devices the body is the eager path, which Inductor
+compiles as ordinary ops. ``fusedad.functional.linear`` routes here only while torch.compile traces
+(``torch.compiler.is_compiling()``): in eager mode the autograd Function launches the kernels
+directly, because a custom-op call costs tens of µs of dispatcher overhead (GUIDE §6).
+
+Double backward and forward-mode AD are not registered for these ops: under torch.compile use first
+order reverse mode (eager mode has all three).
+"""
+import torch
+from torch.library import triton_op, wrap_triton
+
+from . import activations, eager
+from .kernels import linear as kernels
+
+
+def _act(name):
+    return None if name == "none" else name
+
+
+@triton_op("fusedad::linear_fwd", mutates_args=())
+def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
+               store_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    act = _act(activation)
+    if x.device.type == "cuda" and not kernels.INTERPRETER:
+        y, z, _, _ = kernels.linear_forward(x, weight, bias, activations.check_activation(act),
+                                            store_preact=store_preact, wrap=wrap_triton)
+    else:
+        y, z, _, _ = eager.linear_forward(x, weight, bias, act, store_preact=store_preact)
+        y = y.clone() if y is z else y  # outputs must not alias (activation "none")
+    return y, (z if z is not None else x.new_empty(0))
+
+
+@triton_op("fusedad::linear_bwd", mutates_args=())
+def linear_bwd(grad_y: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None,
+               saved: torch.Tensor | None, activation: str, need_x: bool, need_weight: bool,
+               need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    act = _act(activation)
+    if grad_y.device.type == "cuda" and not kernels.INTERPRETER:
+        dx, dw, db = kernels.linear_backward(grad_y, x, weight, saved, activations.check_activation(act),
+                                             need_x, need_weight, need_bias, wrap=wrap_triton)
+    else:
+        dx, dw, db = eager.linear_backward(grad_y, x, weight, saved, act, need_x, need_weight, need_bias)
+    empty = grad_y.new_empty(0)
+    return (dx if dx is not None else empty.clone(), dw if dw is not None else empty.clone(),
+            db if db is not None else empty)
+
+
+def _setup_fwd(ctx, inputs, output):
+    x, weight, bias, activation, store_preact = inputs
+    y, z = output
+    ctx.activation = activation
+    ctx.recompute_preact = activation in activations.SMOOTH and not store_preact
+    saved = y if activation == "relu" else (z if activation in activations.SMOOTH else None)
+    ctx.save_for_backward(x, weight, bias if ctx.recompute_preact else None, saved)
+    ctx.mark_non_differentiable(z)
+
+
+def _backward_fwd(ctx, grad_y, grad_z):
+    x, weight, bias, saved = ctx.saved_tensors
+    if ctx.recompute_preact:  # the forward was told no backward would come: z = x·Wᵀ + b again
+        saved, _ = torch.ops.fusedad.linear_fwd(x, weight, bias, "none", False)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, dw, db = torch.ops.fusedad.linear_bwd(grad_y, x if need_w else None, weight if need_x else None, saved,
+                                              ctx.activation, need_x, need_w, need_b)
+    return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None
+
+
+linear_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
+
+
+def linear(x, weight, bias, activation):
+    """act(x·weightᵀ + bias) through the custom ops: x (M, K), weight (N, K), bias (N,) | None -> (M, N)."""
+    y, _ = torch.ops.fusedad.linear_fwd(x, weight, bias, activation or "none",
+                                        activation in activations.SMOOTH and torch.is_grad_enabled())
+    return y
