@@ -1,0 +1,200 @@
+"""No silent wrong answer: property-based fuzzing over shapes, layouts, dtypes and requires_grad;
+non-finite values; determinism; gradient accumulation; huge tensors; device context.
+
+``FUSEDAD_HYPOTHESIS_EXAMPLES`` sets the number of fuzz examples (default 100, ~8 s for CI on two
+cores through the interpreter; raise it for a longer local run).
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fusedad
+from conftest import ACTS, DEVICES, DTYPES, FLOOR, randn, reference_linear, rel_err, runs_kernels
+
+EXAMPLES = int(os.environ.get("FUSEDAD_HYPOTHESIS_EXAMPLES", "100"))
+SIZES = st.sampled_from([0, 1, 2, 3, 5, 7, 13, 16, 17, 31, 64, 67, 100])
+LAYOUTS = st.sampled_from(["contiguous", "transposed", "sliced", "expanded"])
+
+
+def _make(shape, dtype, device, layout, scale=1.0):
+    """A tensor of ``shape`` with fresh random values, laid out as asked (a view, never a copy)."""
+    if layout == "expanded" and len(shape) >= 1 and shape[0] > 1:
+        return randn(1, *shape[1:], dtype=dtype, device=device, scale=scale).expand(*shape)
+    if layout == "transposed" and len(shape) == 2:
+        return randn(shape[1], shape[0], dtype=dtype, device=device, scale=scale).t()
+    if layout == "sliced" and len(shape) >= 1:
+        return randn(*shape[:-1], 2 * shape[-1] + 1, dtype=dtype, device=device, scale=scale)[..., 1::2]
+    return randn(*shape, dtype=dtype, device=device, scale=scale)
+
+
+@st.composite
+def linear_cases(draw):
+    return dict(
+        lead=draw(st.sampled_from([(), (1,), (3,), (2, 3), (0,)])),
+        M=draw(SIZES), K=draw(SIZES), N=draw(SIZES),
+        dtype=draw(st.sampled_from(DTYPES)), act=draw(st.sampled_from(ACTS)), bias=draw(st.booleans()),
+        layouts=draw(st.tuples(LAYOUTS, LAYOUTS, LAYOUTS, LAYOUTS)),
+        grads=draw(st.tuples(st.booleans(), st.booleans(), st.booleans())),
+        device=draw(st.sampled_from(DEVICES)),
+    )
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=linear_cases())
+def test_fuzz_matches_float64_reference(case):
+    """Output and every requested gradient within GUIDE §7's rule, on any shape/layout/dtype/grad mix."""
+    lead, M, K, N, dtype, device = case["lead"], case["M"], case["K"], case["N"], case["dtype"], case["device"]
+    lx, lw, lb, ldy = case["layouts"]
+    x2 = _make((M, K), dtype, device, lx)
+    x = x2 if not lead else _make((*lead, M, K), dtype, device, lx if lx != "transposed" else "contiguous")
+    w = _make((N, K), dtype, device, lw, scale=K ** -0.5 if K else 1.0)
+    b = _make((N,), dtype, device, lb) if case["bias"] else None
+    leaves = [t for t in (x, w, b) if t is not None]
+    for t, g in zip(leaves, case["grads"]):
+        t.requires_grad_(g)
+    dy = _make((*lead, M, N), dtype, device, ldy)
+
+    y = fusedad.linear(x, w, b, case["act"])
+    as64 = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    ase = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+    y64 = reference_linear(*(as64 + [None] * (3 - len(as64))), case["act"])
+    ye = reference_linear(*(ase + [None] * (3 - len(ase))), case["act"])
+    pairs = [("y", y, y64, ye)]
+    wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
+    if wanted:
+        g = torch.autograd.grad(y, [leaves[i] for i in wanted], dy)
+        g64 = torch.autograd.grad(y64, [as64[i] for i in wanted], dy.double())
+        ge = torch.autograd.grad(ye, [ase[i] for i in wanted], dy)
+        pairs += [(f"grad{i}", *t) for i, t in zip(wanted, zip(g, g64, ge))]
+    for name, out, ref64, eager in pairs:
+        assert out.shape == ref64.shape and out.dtype == dtype, name
+        err, eager_err = rel_err(out, ref64), rel_err(eager, ref64)
+        assert err <= 2 * eager_err + FLOOR[dtype], f"{name}: {err:.3e} vs eager {eager_err:.3e} ({case})"
+
+
+# ---- non-finite values ----------------------------------------------------------------------------
+
+SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e30, -1e30, 3.0, -3.0, 100.0, -100.0]
+
+
+def _same_specials(out, ref):
+    """Same NaN positions, same ±inf positions, finite values close."""
+    assert torch.equal(out.isnan(), ref.isnan()), "NaN positions differ"
+    assert torch.equal(out.isposinf(), ref.isposinf()) and torch.equal(out.isneginf(), ref.isneginf())
+    finite = out.isfinite()
+    torch.testing.assert_close(out[finite], ref[finite], rtol=1e-4, atol=1e-6)
+
+
+def _eager_rows(x, w, act, dy):
+    """Eager y, dX, dW computed one row at a time.
+
+    Row by row because eager PyTorch disagrees with itself on CPU: its vectorised GELU returns NaN at
+    +inf while its scalar path (and the math) give +inf — fusedad gives +inf.
+    """
+    ys, dxs, dws = [], [], []
+    for i in range(x.shape[0]):
+        xi, wi = x[i:i + 1].detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        yi = reference_linear(xi, wi, None, act)
+        yi.backward(dy[i:i + 1])
+        ys.append(yi.detach())
+        dxs.append(xi.grad)
+        dws.append(wi.grad)
+    return torch.cat(ys), torch.cat(dxs), torch.stack(dws)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ACTS)
+def test_non_finite_values_propagate_as_in_eager(device, act):
+    """NaN/±inf (and huge values) through the GEMM, every activation and its derivative."""
+    z = torch.tensor(SPECIAL, device=device)
+    x = torch.stack([z, torch.ones_like(z)], 1).requires_grad_()  # z·1 + 1·0.5: each row one special value
+    w = torch.tensor([[1.0, 0.5]], device=device, requires_grad=True)
+    dy = torch.tensor([[1.0]] * 5 + [[float("inf")]] * 2 + [[float("nan")]] + [[2.0]] * 3, device=device)
+    y = fusedad.linear(x, w, None, act)
+    y.backward(dy)
+    y_ref, dx_ref, dw_ref = _eager_rows(x, w, act, dy)
+    _same_specials(y, y_ref)
+    _same_specials(x.grad, dx_ref)
+    # dW sums over rows: one NaN row makes it NaN, as eager's summed gradient is.
+    _same_specials(w.grad, dw_ref.sum(0))
+
+
+# ---- determinism, accumulation, retain_graph ------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bitwise_deterministic(device):
+    x = randn(37, 29, dtype=torch.bfloat16, device=device, requires_grad=True)
+    w = randn(41, 29, dtype=torch.bfloat16, device=device, requires_grad=True)
+    b = randn(41, dtype=torch.bfloat16, device=device, requires_grad=True)
+    dy = randn(37, 41, dtype=torch.bfloat16, device=device)
+    runs = []
+    for _ in range(3):
+        y = fusedad.linear(x, w, b, "gelu_tanh")
+        runs.append((y.detach(), *torch.autograd.grad(y, (x, w, b), dy)))
+    for other in runs[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(runs[0], other))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_accumulation_and_retain_graph(device):
+    """Three backward passes (two on one retained graph) accumulate into .grad exactly like eager."""
+    layer = fusedad.nn.Linear(9, 6, activation="silu", device=device)
+    ref = torch.nn.Linear(9, 6, device=device)
+    ref.load_state_dict(layer.state_dict())
+    xs = [randn(4, 9, device=device) for _ in range(2)]
+    y = layer(xs[0])
+    y.sum().backward(retain_graph=True)
+    y.square().sum().backward()
+    layer(xs[1]).mean().backward()
+    ye = F.silu(ref(xs[0]))
+    ye.sum().backward(retain_graph=True)
+    ye.square().sum().backward()
+    F.silu(ref(xs[1])).mean().backward()
+    for p, pe in zip(layer.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, pe.grad, rtol=1e-5, atol=1e-6)
+
+
+# ---- GPU-only guarantees ----------------------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a >2^31-element tensor on the GPU)")
+def test_more_than_2_31_elements_on_gpu():
+    """x has 2³¹ + 4096 elements (4.3 GB bf16): forward, dX and dW stay right at the far end."""
+    K, N = 4096, 16
+    M = 2**31 // K + 1
+    x = torch.empty(M, K, dtype=torch.bfloat16, device="cuda").normal_().requires_grad_()
+    w = randn(N, K, dtype=torch.bfloat16, device="cuda", scale=K ** -0.5, requires_grad=True)
+    y = fusedad.linear(x, w)
+    rows = torch.tensor([0, M // 2, M - 1], device="cuda")
+    ref = F.linear(x.detach()[rows].double(), w.detach().double())
+    assert rel_err(y.detach()[rows], ref) < 1e-2
+    dy = torch.zeros(M, N, dtype=torch.bfloat16, device="cuda")
+    dy[-1] = 1  # only the last row contributes: dW = outer(1, x[-1]), dX[-1] = Σ_n W[n]
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    assert rel_err(dw, x.detach()[-1].double().expand(N, K)) < 1e-2
+    assert rel_err(dx[-1], w.detach().double().sum(0)) < 1e-2
+    assert dx[:-1].abs().max().item() == 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (device context of a backward)")
+def test_backward_runs_on_the_tensors_device():
+    layer = fusedad.nn.Linear(64, 32, activation="gelu", device="cuda:1")
+    x = randn(16, 64, device="cuda:1", requires_grad=True)
+    with torch.cuda.device(0):
+        y = layer(x)
+        y.sum().backward()
+    ref = torch.nn.Linear(64, 32, device="cuda:1")
+    ref.load_state_dict(layer.state_dict())
+    xe = x.detach().clone().requires_grad_()
+    F.gelu(ref(xe)).sum().backward()
+    torch.testing.assert_close(x.grad, xe.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_kernels_ran_in_this_suite():
+    """Guard against a silently eager CPU suite: with no GPU, the interpreter must be on."""
+    if not torch.cuda.is_available():
+        assert runs_kernels("cpu")
