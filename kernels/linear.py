@@ -84,7 +84,7 @@ def dot_precision(dtype):
 def _common_flags(dtype, *tensors):
     return dict(
         FP64=dtype == torch.float64,
-        UPCAST_BF16=INTERPRETER and dtype == torch.bfloat16,
+        EMULATE_BF16=INTERPRETER and dtype == torch.bfloat16,
         PRECISION=dot_precision(dtype),
         INT64=needs_int64(*tensors),
     )

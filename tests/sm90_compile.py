@@ -44,7 +44,7 @@ def compile_variant(kind, dtype, act, overrides, cfg):
 
     kernel = gemm._linear_fwd_kernel if kind == "fwd" else gemm._linear_bwd_kernel
     flags = dict(FWD if kind == "fwd" else BWD)
-    flags.update(ACT=act, FP64=dtype == "fp64", UPCAST_BF16=False, PRECISION="ieee", INT64=False)
+    flags.update(ACT=act, FP64=dtype == "fp64", EMULATE_BF16=False, PRECISION="ieee", INT64=False)
     flags.update(overrides)
     flags.update(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
     signature = {name: (PTR[dtype] if name.endswith("_ptr") else ("i64" if flags["INT64"] else "i32"))
