@@ -1,0 +1,192 @@
+"""``python -m bench``: argparse front end and the run itself.
+
+Nothing here imports fusedad at module level: ``main`` first decides the device and, without CUDA, sets
+``TRITON_INTERPRET=1`` (Triton reads it when the kernels are defined, i.e. when fusedad is imported),
+so on a CPU machine the real kernels run through Triton's interpreter.
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+DESCRIPTION = """\
+Benchmark fusedad's fused Linear(+activation) kernels against eager PyTorch (nn.Linear + activation
+module), torch.compile of the same eager module, and cuBLASLt's fused epilogue (torch._addmm_activation),
+across grad modes and phases. Every implementation is first checked against eager (relative error
+||out - eager|| / ||eager|| over outputs and gradients; tolerance fp32 1e-4, fp16 5e-3, bf16 2e-2): a
+mismatch is reported as FAIL and never timed; an implementation that raises is reported as ERROR.
+
+suites:
+  modes    the seed's Net3 (batch 256, 4096->8192->8192->8192->1, ReLU, no bias) forward in default,
+           no_grad and inference_mode, and a forward+backward step
+  layers   one linear layer over shapes (Net3 layers at M=256; LLM MLP GEMMs at M=8192; decode M=1, 16),
+           dtypes, activations and phases (fwd, bwd, fwd+bwd, fwd+bwd-frozenW, jvp)
+  memory   peak CUDA memory of a training step per implementation (n/a on CPU)
+
+timing (CUDA): triton.testing.do_bench medians; the implementations of a case are interleaved over
+--rounds rounds (rotating order, so clock drift cancels) and the median of the round medians is
+reported with their min-max spread. TFLOP/s, GB/s (memory-bound cases), % of the device's peak (same-
+dtype 8192^3 GEMM and device copy bandwidth, measured at start), speedup vs eager, peak memory.
+
+Without CUDA the kernels run in Triton's interpreter on tiny shapes: a correctness run, and its
+timings are labelled "cpu-interpreter (not a performance figure)".
+"""
+
+EPILOG = """\
+outputs: a console table, and in bench/results/<YYYY-MM-DD>-<device>[-quick]/ (or --out DIR):
+  results.json (every figure, the plan and the environment: card, driver, versions, command line),
+  results.md (tables), PNG plots (modes, speedup vs eager, roofline/% of peak, memory, correctness).
+exit status: 1 if any fusedad row is FAIL or ERROR, else 0.
+
+examples:
+  python -m bench --quick      # CPU: < 1 min, interpreter, correctness only; GPU: sized for < 3 min
+  python -m bench --suite layers --dtype bf16 --activation gelu_tanh --phase fwd+bwd
+  python -m bench --suite layers --shape 4096x4096x4096 --impl eager fusedad --rounds 7
+"""
+
+
+def build_parser():
+    from .plan import ACTIVATIONS, DTYPES, IMPLS, PHASES, SUITES  # torch only, not fusedad
+
+    p = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="small subset: CUDA: seed Net3 + one Net3 layer (gelu_tanh), bf16, 3 rounds; "
+                        "CPU: tiny shapes, fp32 + bf16, no torch.compile, 2 rounds (correctness only)")
+    p.add_argument("--suite", nargs="+", choices=SUITES, metavar="SUITE",
+                   help=f"suites to run, of {', '.join(SUITES)} (default: all)")
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), metavar="DTYPE",
+                   help=f"dtypes, of {', '.join(DTYPES)}, for every suite (default CUDA: all, bf16 with --quick; "
+                        "CPU: all for layers, fp32 for Net3 — see plan.py)")
+    p.add_argument("--activation", nargs="+", choices=ACTIVATIONS, metavar="ACT",
+                   help=f"layer activations, of {', '.join(ACTIVATIONS)} (default: none gelu_tanh relu)")
+    p.add_argument("--phase", nargs="+", choices=PHASES, metavar="PHASE",
+                   help="layer phases: fwd (no_grad forward), bwd (backward only), fwd+bwd, fwd+bwd-frozenW "
+                        "(weight.requires_grad=False: no dW), jvp (forward mode: primal + tangent) "
+                        "(default: all)")
+    p.add_argument("--impl", nargs="+", choices=IMPLS, metavar="IMPL",
+                   help="implementations: eager (always run: the reference), fusedad, compile "
+                        "(torch.compile of the eager module), cublaslt (torch._addmm_activation, fwd with "
+                        "bias + relu/gelu_tanh on CUDA) (default: all that apply)")
+    p.add_argument("--shape", nargs="+", metavar="MxKxN",
+                   help="layer shapes instead of the preset, e.g. 8192x4096x14336 (x: M×K, weight: N×K)")
+    p.add_argument("--rounds", type=int, metavar="N",
+                   help="interleaved timing rounds per case (default: 5 full, 3 quick; CPU 3 / 2)")
+    p.add_argument("--rep-ms", type=float, metavar="MS",
+                   help="do_bench timing window per implementation per round, CUDA (default: 25 full, 10 quick)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="where to run (default: cuda if available, else cpu with the Triton interpreter)")
+    p.add_argument("--out", metavar="DIR", help="write results here instead of bench/results/<date>-<device>/")
+    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for every case (default 0)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # Test hook (tests/test_bench.py): a deliberately wrong implementation that must show as FAIL.
+    p.add_argument("--plant-mismatch", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def resolve_device(choice):
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("python -m bench: --device cuda, but torch.cuda.is_available() is False")
+    return choice
+
+
+def plan_from_args(args, device):
+    from .plan import DTYPES, Shape, make_plan
+
+    plan = make_plan(device, args.quick)
+    if args.suite:
+        plan.suites = tuple(args.suite)
+    if args.dtype:
+        plan.dtypes = plan.net3_dtypes = tuple(DTYPES[d] for d in args.dtype)
+    if args.activation:
+        plan.activations = tuple(args.activation)
+    if args.phase:
+        plan.phases = tuple(args.phase)
+    if args.impl:
+        plan.impls = tuple(dict.fromkeys(("eager", *args.impl)))
+        plan.skipped_impls = {k: v for k, v in plan.skipped_impls.items() if k not in plan.impls or k == "cublaslt"}
+    if args.shape:
+        plan.shapes = tuple(Shape.parse(s) for s in args.shape)
+    if args.rounds:
+        plan.rounds = max(1, args.rounds)
+    if args.rep_ms:
+        plan.rep_ms = args.rep_ms
+    plan.seed = args.seed
+    plan.plant_mismatch = args.plant_mismatch
+    return plan
+
+
+def default_out_dir(env, quick, slug):
+    return RESULTS_DIR / f"{env['date'][:10]}-{slug}{'-quick' if quick else ''}"
+
+
+def run(plan, argv=(), out_dir=None, progress=True, plots=True, log=print):
+    """Run ``plan`` and write its results; returns the results dict (env, peaks, plan, rows, out_dir)."""
+    import torch
+
+    import fusedad
+
+    from . import device as dev
+    from . import report, suites
+
+    started = time.perf_counter()
+    backend = fusedad.backend(torch.empty(0, device=plan.device))
+    if plan.device == "cuda" and backend != "triton":
+        raise SystemExit(f"python -m bench: fusedad backend on CUDA is {backend!r}, not 'triton' (is TRITON_INTERPRET "
+                         "set?): its timings would mean nothing. Unset it, or use --device cpu.")
+    if plan.device == "cpu" and backend != "triton-interpreter":
+        plan.label += f" (fusedad backend: {backend}; set TRITON_INTERPRET=1 before importing fusedad)"
+    env = dev.environment(plan, list(argv), backend)
+    log(f"fusedad benchmark: {plan.label} — {env['device_name']} (fusedad backend: {backend})")
+    if plan.device == "cuda":
+        log("measuring device peaks (8192³ GEMM per dtype, 1 GiB copy) …")
+    peaks = dev.measure_peaks(plan.device, tuple(dict.fromkeys((*plan.dtypes, *plan.net3_dtypes))))
+    log(report.peaks_line(peaks).strip())
+
+    out_dir = Path(out_dir) if out_dir else default_out_dir(env, plan.quick, dev.device_slug(plan.device, backend))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"env": env, "peaks": peaks, "plan": report.plan_record(plan), "rows": [], "plots": []}
+    for suite in plan.suites:
+        results["rows"] += suites.run_suite(suite, plan, peaks, progress=progress)
+        # Written after every suite, so a run cut short (a time limit) keeps what it measured.
+        report.write_json(results, out_dir / "results.json")
+        report.write_markdown(results, out_dir / "results.md")
+
+    env["seconds"] = round(time.perf_counter() - started, 1)
+    if plots:
+        from . import plots as plotting  # matplotlib only when plots are wanted
+
+        results["plots"] = plotting.write_plots(results, out_dir)
+    report.write_json(results, out_dir / "results.json")
+    report.write_markdown(results, out_dir / "results.md")
+    log(report.console_report(results))
+    log(f"\nwrote {out_dir}/: results.json results.md {' '.join(results['plots'])}  ({env['seconds']:.0f} s)")
+    results["out_dir"] = out_dir
+    return results
+
+
+def fusedad_failures(rows):
+    return [r for r in rows if r["impl"] == "fusedad" and r["status"] != "ok"]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    if device == "cpu":
+        # Must precede the first import of fusedad (Triton reads it when the kernels are defined).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    plan = plan_from_args(args, device)
+    results = run(plan, argv, args.out, progress=not args.no_progress, plots=not args.no_plots)
+    bad = fusedad_failures(results["rows"])
+    if bad:
+        print(f"{len(bad)} fusedad row(s) FAIL or ERROR", file=sys.stderr)
+    return 1 if bad else 0

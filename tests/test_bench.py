@@ -1,0 +1,312 @@
+"""The benchmark harness's CPU path (``python -m bench``, issue 3).
+
+One real ``python -m bench --quick --device cpu --plant-mismatch`` run (module fixture, ~15 s: kernels
+in Triton's interpreter) checks the files it writes and that a planted wrong implementation is FAIL and
+never timed; the rest call the suite API with fakes or synthetic rows (milliseconds each), including
+the CUDA-only report and plot paths that a CPU run never reaches.
+"""
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # bench/ is not installed (not shipped in the wheel): import it from the checkout
+
+from bench import checks, cli, figures, plan, report, suites, timing  # noqa: E402
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _strict_json(path):
+    """json.load that rejects NaN / Infinity (not JSON)."""
+    def reject(token):
+        raise ValueError(f"non-JSON constant {token}")
+    return json.loads(Path(path).read_text(), parse_constant=reject)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-quick")
+    cmd = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--out", str(out), "--plant-mismatch",
+           "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert (out / "results.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, out, _strict_json(out / "results.json")
+
+
+def test_quick_run_exits_0_when_fusedad_passes(quick_run):
+    """Exit status 1 means a fusedad row is FAIL or ERROR (the planted mismatch does not count)."""
+    proc, _, results = quick_run
+    bad = cli.fusedad_failures(results["rows"])
+    assert (proc.returncode, bad) == (0, []), proc.stderr[-2000:]
+
+
+def test_quick_run_covers_every_suite_and_labels_cpu_timings(quick_run):
+    proc, _, results = quick_run
+    for title in report.SUITE_TITLES.values():
+        assert title in proc.stdout
+    assert plan.CPU_TIMING_NOTE in proc.stdout
+    assert plan.CPU_LABEL in proc.stdout
+    assert {r["suite"] for r in results["rows"]} == set(plan.SUITES)
+    # Every phase of the layers suite and every grad mode of Net3 ran.
+    assert {r["phase"] for r in results["rows"] if r["suite"] == "layers"} == set(plan.PHASES)
+    assert {r["mode"] for r in results["rows"] if r["suite"] == "modes"} == set(plan.MODES)
+
+
+def test_quick_json_records_environment_and_no_cpu_performance_figures(quick_run):
+    _, _, results = quick_run
+    env = results["env"]
+    for key in ("date", "command", "device_name", "driver", "torch", "triton", "python", "interpreter",
+                "fusedad_backend", "git_commit"):
+        assert key in env
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu"
+    assert env["interpreter"] is True and env["fusedad_backend"] == "triton-interpreter"
+    assert env["performance_figures"] is False and env["timing_note"] == plan.CPU_TIMING_NOTE
+    assert "--quick" in env["command"] and "-m bench" in env["command"]
+    assert results["peaks"] is None
+    assert results["plan"]["skipped_impls"] == {"cublaslt": "CUDA only", "compile": "skipped: cpu quick"}
+    for r in results["rows"]:
+        assert r.get("tflops") is None and r.get("speedup") is None and r.get("pct_peak") is None
+        if r["suite"] == "memory":
+            assert r.get("peak_mb") is None
+
+
+def test_quick_fusedad_rows_pass_and_are_timed(quick_run):
+    _, _, results = quick_run
+    fused = [r for r in results["rows"] if r["impl"] == "fusedad"]
+    assert fused
+    for r in fused:
+        assert r["status"] == "ok", r
+        assert 0 <= r["rel_err"] <= r["tol"]
+        if r["suite"] != "memory":
+            assert r["ms"] > 0 and r["ms_min"] <= r["ms"] <= r["ms_max"]
+            assert len(r["round_ms"]) == results["plan"]["rounds"]
+
+
+def test_planted_mismatch_is_fail_and_never_timed(quick_run):
+    proc, out, results = quick_run
+    planted = [r for r in results["rows"] if r["impl"] == "planted-mismatch"]
+    assert {r["suite"] for r in planted} == set(plan.SUITES)
+    for r in planted:
+        assert r["status"] == "FAIL" and r["rel_err"] > r["tol"]
+        assert "ms" not in r and "round_ms" not in r
+    assert re.search(r"planted-mismatch\s+FAIL", proc.stdout)
+    assert "| planted-mismatch | FAIL |" in (out / "results.md").read_text()
+
+
+def test_quick_markdown_and_pngs(quick_run):
+    _, out, results = quick_run
+    md = (out / "results.md").read_text()
+    assert md.startswith("# fusedad benchmark")
+    assert "| dtype | mode | impl | status | rel err | ms* |" in md
+    assert plan.CPU_TIMING_NOTE in md
+    assert {"modes.png", "correctness.png"} <= set(results["plots"])
+    import matplotlib.image
+
+    for name in results["plots"]:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE), name
+        img = matplotlib.image.imread(out / name)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+# --- the suite API, without kernels ---------------------------------------------------------------
+
+
+def _tiny_plan(**kw):
+    p = plan.make_plan("cpu", quick=True)
+    p.rounds = 3
+    for k, v in kw.items():
+        setattr(p, k, v)
+    return p
+
+
+def _fake_case(builders, dtype=torch.float32):
+    meta = {"case": "fake", "M": 2, "K": 3, "N": 4, "dtype": plan.DTYPE_NAMES[dtype], "activation": "none",
+            "phase": "fwd"}
+    return suites.Case("layers", meta, dtype, lambda: builders, flops=48.0, nbytes=100.0)
+
+
+def test_run_case_statuses_ok_fail_error_and_only_ok_is_timed():
+    ref = torch.randn(16, 8)
+    calls = {"bad": 0}
+
+    def bad():
+        calls["bad"] += 1
+        return (ref * 1.01,)  # 1e-2 > fp32 tolerance 1e-4
+
+    def broken_build():
+        raise RuntimeError("compile failed\nlong traceback")
+
+    builders = {
+        "eager": lambda: (lambda: (ref.clone(),)),
+        "fusedad": lambda: (lambda: (ref + 1e-7 * torch.randn_like(ref),)),
+        "planted-mismatch": lambda: bad,
+        "compile": broken_build,
+        "nan": lambda: (lambda: (torch.full_like(ref, math.nan),)),
+    }
+    rows = {r["impl"]: r for r in suites.run_case(_fake_case(builders), _tiny_plan(), None)}
+    assert rows["eager"]["status"] == "ok" and rows["fusedad"]["status"] == "ok"
+    assert len(rows["fusedad"]["round_ms"]) == 3
+    assert rows["planted-mismatch"]["status"] == "FAIL"
+    assert rows["planted-mismatch"]["rel_err"] == pytest.approx(1e-2, rel=1e-3)
+    assert calls["bad"] == 1  # the check only: never timed
+    assert rows["compile"]["status"] == "ERROR: RuntimeError: compile failed"
+    assert rows["nan"]["status"] == "FAIL" and rows["nan"]["rel_err"] is None
+    for name in ("planted-mismatch", "compile", "nan"):
+        assert "ms" not in rows[name]
+
+
+def test_run_case_eager_failure_marks_every_row():
+    def boom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    builders = {"eager": boom, "fusedad": lambda: (lambda: (torch.ones(1),))}
+    rows = suites.run_case(_fake_case(builders), _tiny_plan(), None)
+    assert [r["status"].split(":")[0] for r in rows] == ["ERROR", "ERROR"]
+
+
+# torch.func.jvp's first use loads torch's jvp decompositions, which call the deprecated torch.jit.script.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_layer_case_with_real_fusedad_and_planted_mismatch():
+    """The suite API's own test hook (plant_mismatch) on a real tiny layer, every phase."""
+    p = _tiny_plan(shapes=(plan.Shape(4, 16, 8),), dtypes=(torch.float32,), activations=("gelu_tanh",),
+                   plant_mismatch=True, rounds=1)
+    rows = [r for case in suites.layers_cases(p) for r in suites.run_case(case, p, None)]
+    assert {r["phase"] for r in rows} == set(plan.PHASES)
+    for r in rows:
+        expected = "FAIL" if r["impl"] == "planted-mismatch" else "ok"
+        assert r["status"] == expected, r
+        assert ("ms" in r) == (expected == "ok")
+
+
+def test_time_interleaved_rotates_order_and_reports_errors():
+    order = []
+
+    def make(name):
+        return lambda: order.append(name)
+
+    def raises():
+        raise ValueError("boom")
+
+    fns = {"a": make("a"), "b": make("b"), "c": make("c"), "x": raises}
+    out = timing.time_interleaved(fns, "cpu", rounds=3, rep_ms=0)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # x dropped after its first failure
+    assert isinstance(out["x"], ValueError)
+    t = out["a"]
+    assert isinstance(t, timing.Timing) and len(t.rounds) == 3 and t.lo <= t.median <= t.hi
+
+
+def test_rel_err_and_tolerances():
+    r = torch.tensor([3.0, 4.0])
+    assert checks.rel_err(r, r) == 0.0
+    assert checks.rel_err(torch.tensor([3.0, 4.5]), r) == pytest.approx(0.1)
+    assert math.isnan(checks.rel_err(torch.tensor([math.nan, 4.0]), r))
+    assert math.isnan(checks.rel_err(torch.zeros(3), r))  # shape mismatch
+    assert not checks.passes(math.nan, torch.float32)
+    assert checks.passes(1e-4, torch.float32) and not checks.passes(2e-4, torch.float32)
+    assert checks.tolerance(torch.bfloat16) > checks.tolerance(torch.float16) > checks.tolerance(torch.float32)
+
+
+def test_flop_models_and_roofline_classification():
+    M, K, N = 256, 4096, 8192
+    fwd = figures.layer_flops(M, K, N, "fwd")
+    assert fwd == 2 * M * K * N
+    assert figures.layer_flops(M, K, N, "fwd+bwd") == 3 * fwd
+    assert figures.layer_flops(M, K, N, "fwd+bwd-frozenW") == 2 * fwd == figures.layer_flops(M, K, N, "jvp")
+    net3 = plan.SEED_NET3
+    assert figures.net3_flops(net3, "fwd+bwd") < 3 * figures.net3_flops(net3, "no_grad")  # no dX for layer 0
+    peaks = {"gemm_tflops": {"bf16": 785.0}, "copy_gbps": 4222.0}  # GUIDE §5, H200
+    # decode M=1 on 8192×8192 bf16: ~1 FLOP/byte, far below the ridge (~186 FLOP/byte): memory-bound
+    nbytes = figures.layer_bytes(1, 8192, 8192, "fwd", 2, "none")
+    dec = figures.throughput(figures.layer_flops(1, 8192, 8192, "fwd"), nbytes, 0.045, peaks, "bf16")
+    assert dec["bound"] == "memory" and dec["pct_peak"] == pytest.approx(100 * dec["gbps"] / 4222.0)
+    big = figures.throughput(figures.layer_flops(8192, 4096, 14336, "fwd"),
+                             figures.layer_bytes(8192, 4096, 14336, "fwd", 2, "none"), 1.3, peaks, "bf16")
+    assert big["bound"] == "compute" and big["pct_peak"] == pytest.approx(100 * big["tflops"] / 785.0)
+    assert figures.throughput(fwd, 1.0, 1.0, None, "bf16")["pct_peak"] is None
+
+
+# --- CUDA-only report and plot paths, from synthetic rows ------------------------------------------
+
+
+def _synthetic_cuda_results():
+    peaks = {"gemm_tflops": {"bf16": 700.0}, "copy_gbps": 4000.0, "gemm_shape": "8192x8192x8192",
+             "copy_bytes": 2**30}
+    p = plan.make_plan("cuda", quick=True)
+    env = {"run_label": p.label, "device_name": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0",
+           "date": "2026-11-26T00:00:00+00:00", "command": "python -m bench --quick", "performance_figures": True}
+    rows = []
+    for mode in plan.MODES:
+        for impl, ms in (("eager", 1.0), ("fusedad", 0.9), ("compile", 1.1)):
+            rows.append(dict(suite="modes", case="Net3", dtype="bf16", mode=mode, impl=impl, status="ok",
+                             rel_err=1e-3, tol=2e-2, ms=ms, spread_pct=1.0, tflops=80.0 / ms, speedup=1.0 / ms))
+    for (M, K, N), phase in (((256, 4096, 8192), "fwd"), ((1, 8192, 8192), "fwd"), ((256, 4096, 8192), "jvp")):
+        for impl, ms in (("eager", 0.05), ("fusedad", 0.04), ("cublaslt", 0.045)):
+            fl = figures.layer_flops(M, K, N, phase)
+            nb = figures.layer_bytes(M, K, N, phase, 2, "gelu_tanh")
+            row = dict(suite="layers", case=f"M{M} K{K} N{N}", M=M, K=K, N=N, dtype="bf16", activation="gelu_tanh",
+                       phase=phase, impl=impl, status="ok", rel_err=1e-3, tol=2e-2, ms=ms, spread_pct=2.0,
+                       **figures.throughput(fl, nb, ms, peaks, "bf16"))
+            rows.append(row)
+        suites._relative_to_eager(rows[-3:], performance=True)
+    rows.append(dict(rows[-1], impl="compile", status="ERROR: BackendCompilerFailed: x", ms=None, tflops=None,
+                     gbps=None, speedup=None))
+    for impl, mb in (("eager", 300.0), ("fusedad", 250.0), ("planted-mismatch", None)):
+        rows.append(dict(suite="memory", case="Net3 training step", dtype="bf16", activation="relu", phase="fwd+bwd",
+                         impl=impl, status="ok" if mb else "FAIL", rel_err=1e-3 if mb else 0.1, tol=2e-2,
+                         peak_mb=mb, step_mb=mb and mb / 2))
+    suites._relative_to_eager(rows[-3:], performance=True)
+    return {"env": env, "peaks": peaks, "plan": report.plan_record(p), "rows": rows}
+
+
+def test_cuda_report_and_plots_from_synthetic_rows(tmp_path):
+    from bench import plots
+
+    results = _synthetic_cuda_results()
+    written = plots.write_plots(results, tmp_path)
+    assert set(written) == {"modes.png", "speedup-bf16.png", "roofline-bf16.png", "memory.png", "correctness.png"}
+    for name in written:
+        assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
+    text = report.console_report(results)
+    assert "TFLOP/s" in text and "× eager" in text and "% bw" in text and "% mm" in text
+    assert "measured peaks: GEMM 8192x8192x8192 TFLOP/s: bf16 700" in text
+    md = report.markdown_report(dict(results, plots=written))
+    assert "![roofline-bf16.png](roofline-bf16.png)" in md and "ERROR: BackendCompilerFailed" in md
+    mem = [r for r in results["rows"] if r["suite"] == "memory" and r["impl"] == "fusedad"][0]
+    assert mem["mem_vs_eager"] == pytest.approx(125 / 150)
+
+
+def test_json_is_strict_and_records_field_meanings(tmp_path):
+    results = _synthetic_cuda_results()
+    results["rows"].append(dict(results["rows"][0], rel_err=math.nan, ms=math.inf))
+    report.write_json(results, tmp_path / "r.json")
+    data = _strict_json(tmp_path / "r.json")
+    assert data["rows"][-1]["rel_err"] is None and data["rows"][-1]["ms"] is None
+    assert "speedup" in data["fields"]
+
+
+def test_cli_help_plan_options_and_cpu_results_dir_is_gitignored():
+    text = cli.build_parser().format_help()
+    for word in ("--quick", "--suite", "--dtype", "--activation", "--phase", "--impl", "--shape", "--rounds",
+                 "--rep-ms", "--out", "modes", "layers", "memory", "do_bench", "FAIL"):
+        assert word in text
+    assert "--plant-mismatch" not in text  # a test hook, hidden
+    args = cli.build_parser().parse_args(["--quick", "--dtype", "fp16", "--impl", "fusedad", "--shape", "2x3x4"])
+    p = cli.plan_from_args(args, "cpu")
+    assert p.dtypes == p.net3_dtypes == (torch.float16,)
+    assert p.impls == ("eager", "fusedad") and p.shapes == (plan.Shape(2, 3, 4),)
+    with pytest.raises(ValueError, match="MxKxN"):
+        plan.Shape.parse("2x3")
+    out = cli.default_out_dir({"date": "2026-11-26T10:00:00+00:00"}, True, "cpu-interpreter")
+    assert out.parent == REPO / "bench" / "results" and out.name == "2026-11-26-cpu-interpreter-quick"
+    gitignore = (REPO / ".gitignore").read_text()
+    assert "/bench/results/*-cpu*/" in gitignore
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_check.sh")], check=True)
