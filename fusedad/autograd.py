@@ -34,8 +34,10 @@ def _linear(x, weight, bias=None):
 
 class FusedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(x, weight, bias, activation, precomputed):
-        """precomputed: None, or (y, z, y_tangent, z_tangent) from the lockstep forward-mode kernel."""
+    def forward(x, weight, bias, activation, precomputed, weight_main_grad):
+        """precomputed: None, or (y, z, y_tangent, z_tangent) from the lockstep forward-mode kernel.
+        weight_main_grad: None, or an fp32 (N, K) buffer the backward adds dW into (weight.grad stays
+        untouched: the Function returns no weight gradient then)."""
         if precomputed is not None:
             return precomputed[0], precomputed[1]
         y, z, _, _ = backend.forward(x, weight, bias, activation, store_preact=activation in activations.SMOOTH)
@@ -43,8 +45,9 @@ class FusedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, activation, precomputed = inputs
+        x, weight, bias, activation, precomputed, weight_main_grad = inputs
         y, z = output
+        ctx.weight_main_grad = weight_main_grad
         need_x, need_w, _ = ctx.needs_input_grad[:3]
         saved = y if activation == "relu" else z
         ctx.activation = activation
@@ -62,23 +65,28 @@ class FusedLinearFunction(torch.autograd.Function):
         x, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         act = ctx.activation
+        main_grad = ctx.weight_main_grad if need_w else None
         if grad_y is None and grad_z is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         composite = (torch.is_grad_enabled() or grad_z is not None or grad_y is None
                      or any(is_functorch_tensor(t) for t in (grad_y, x, weight, saved)))
         if not composite:
-            dx, dw, db = backend.backward(grad_y, x, weight, saved, act, need_x, need_w, need_b)
-            return dx, dw, db, None, None
+            dx, dw, db = backend.backward(grad_y, x, weight, saved, act, need_x, need_w, need_b,
+                                          weight_grad_out=main_grad)
+            return dx, (None if main_grad is not None else dw), db, None, None, None
         dz = activations.chain(grad_y, saved, act) if grad_y is not None else None
         if grad_z is not None:
             dz = grad_z if dz is None else dz + grad_z
         dx = _linear(dz, weight.t()) if need_x else None  # dX = dZ·W
         dw = _linear(dz.t(), x.t()) if need_w else None  # dW = dZᵀ·X
         db = dz.sum(0) if need_b else None
-        return dx, dw, db, None, None
+        if main_grad is not None:
+            main_grad.add_(dw.detach())
+            dw = None
+        return dx, dw, db, None, None, None
 
     @staticmethod
-    def jvp(ctx, x_t, weight_t, bias_t, _activation_t, _precomputed_t):
+    def jvp(ctx, x_t, weight_t, bias_t, _activation_t, _precomputed_t, _main_grad_t):
         if ctx.tangents is not None:
             return ctx.tangents
         x, weight, saved = ctx.saved_tensors
@@ -96,7 +104,7 @@ class FusedLinearFunction(torch.autograd.Function):
         return y_t, (z_t if ctx.activation in activations.SMOOTH else None)
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, bias, activation, precomputed):
+    def vmap(info, in_dims, x, weight, bias, activation, precomputed, weight_main_grad):
         x_dim, w_dim, b_dim = in_dims[:3]
         smooth = activation in activations.SMOOTH
         out_dims = (0, 0 if smooth else None)
@@ -104,15 +112,18 @@ class FusedLinearFunction(torch.autograd.Function):
             # A batch of inputs is just more rows: one launch over (B·M, K).
             xb = x.movedim(x_dim, 0)
             batch, rows = xb.shape[0], xb.shape[1]
-            y, z = FusedLinearFunction.apply(xb.reshape(batch * rows, xb.shape[2]), weight, bias, activation, None)
+            y, z = FusedLinearFunction.apply(xb.reshape(batch * rows, xb.shape[2]), weight, bias, activation, None,
+                                             weight_main_grad)
             return (y.view(batch, rows, -1), z.view(batch, rows, -1) if smooth else None), out_dims
 
         # A batch of weights (ensembles): one fused call per member.
         def pick(t, dim, i):
             return t if t is None or dim is None else t.select(dim, i)
 
+        if weight_main_grad is not None:
+            raise NotImplementedError("fusedad: weight_main_grad with a vmapped weight")
         outs = [FusedLinearFunction.apply(pick(x, x_dim, i), pick(weight, w_dim, i), pick(bias, b_dim, i),
-                                          activation, None) for i in range(info.batch_size)]
+                                          activation, None, None) for i in range(info.batch_size)]
         y = torch.stack([o[0] for o in outs])
         z = torch.stack([o[1] for o in outs]) if smooth else None
         return (y, z), out_dims

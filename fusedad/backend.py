@@ -35,9 +35,10 @@ def forward(x, weight, bias, activation, **kwargs):
     return kernels.linear_forward(x, weight, bias, check_activation(activation), **kwargs)
 
 
-def backward(grad_y, x, weight, saved, activation, need_x, need_weight, need_bias):
+def backward(grad_y, x, weight, saved, activation, need_x, need_weight, need_bias, weight_grad_out=None):
     """Dispatch of ``linear_backward`` (activation by name)."""
     if backend(grad_y) == EAGER:
-        return eager.linear_backward(grad_y, x, weight, saved, activation, need_x, need_weight, need_bias)
+        return eager.linear_backward(grad_y, x, weight, saved, activation, need_x, need_weight, need_bias,
+                                     weight_grad_out)
     return kernels.linear_backward(grad_y, x, weight, saved, check_activation(activation),
-                                   need_x, need_weight, need_bias)
+                                   need_x, need_weight, need_bias, weight_grad_out=weight_grad_out)

@@ -27,10 +27,13 @@ def linear_forward(x, weight, bias, activation, store_preact=False,
     return y, (z if store_preact else None), yt, (zt if store_preact_tangent else None)
 
 
-def linear_backward(grad_y, x, weight, saved, activation, need_x=True, need_weight=True, need_bias=False):
+def linear_backward(grad_y, x, weight, saved, activation, need_x=True, need_weight=True, need_bias=False,
+                    weight_grad_out=None):
     """-> (grad_x or None, grad_w or None, grad_b or None); see ``kernels.linear.linear_backward``."""
     dz = activations.chain(grad_y, saved, activation)
     dx = dz @ weight if need_x else None
     dw = dz.t() @ x if need_weight else None
+    if dw is not None and weight_grad_out is not None:
+        dw = weight_grad_out.add_(dw)
     db = dz.sum(0) if need_bias else None
     return dx, dw, db

@@ -9,7 +9,7 @@ from ._validate import check_linear_args
 from .autograd import FusedLinearFunction, is_functorch_tensor
 
 
-def linear(input, weight, bias=None, activation=None):
+def linear(input, weight, bias=None, activation=None, *, weight_main_grad=None):
     """``act(input · weightᵀ + bias)`` with the bias and activation fused into the GEMM epilogue.
 
     Same semantics as ``torch.nn.functional.linear`` for ``activation=None``.
@@ -19,6 +19,9 @@ def linear(input, weight, bias=None, activation=None):
         weight: (out_features, in_features), or (in_features,) for a single output without bias.
         bias: (out_features,) or None ((1,) and () broadcast as in F.linear).
         activation: None, "relu", "gelu" (erf), "gelu_tanh" or "silu".
+        weight_main_grad: None, or an (out_features, in_features) buffer (typically float32 for a
+            bf16 weight, as Megatron's ``main_grad``): the backward kernel *adds* dW into it and leaves
+            ``weight.grad`` untouched — gradient accumulation over micro-batches with no extra pass.
     Returns:
         (*, out_features); (*) for a 1-D weight.
 
@@ -40,7 +43,9 @@ def linear(input, weight, bias=None, activation=None):
         bias = bias.expand(out_features)  # () or (1,): a stride-0 view, read as is by the kernels
     lead = input.shape[:-1]
     x = input if input.dim() == 2 else input.reshape(math.prod(lead), in_features)
-    y = _linear_2d(x, weight, bias, activation)
+    if weight_main_grad is not None:
+        _check_main_grad(weight_main_grad, weight)
+    y = _linear_2d(x, weight, bias, activation, weight_main_grad)
     y = y if input.dim() == 2 else y.reshape(*lead, out_features)
     return y.squeeze(-1) if vector_weight else y
 
@@ -87,9 +92,18 @@ def _unwrap_grad_level(t):
     return t
 
 
-def _linear_2d(x, weight, bias, activation):
+def _check_main_grad(main_grad, weight):
+    if main_grad.shape != weight.shape or main_grad.device != weight.device or not main_grad.is_floating_point():
+        raise RuntimeError(f"fusedad.linear: weight_main_grad must be a floating tensor of the weight's shape "
+                           f"{tuple(weight.shape)} on {weight.device}, got {main_grad.dtype} of shape "
+                           f"{tuple(main_grad.shape)} on {main_grad.device}")
+
+
+def _linear_2d(x, weight, bias, activation, weight_main_grad=None):
     """x: (M, K), weight: (N, K), bias: (N,) | None -> (M, N)."""
     if torch.compiler.is_compiling():
+        if weight_main_grad is not None:
+            raise NotImplementedError("fusedad: weight_main_grad is not supported under torch.compile")
         # Dynamo: an opaque custom op with registered autograd; its CUDA body is our Triton kernels.
         return ops.linear(x, weight, bias, activation)
     wrapped = any(is_functorch_tensor(t) for t in (x, weight, bias))
@@ -102,10 +116,10 @@ def _linear_2d(x, weight, bias, activation):
         with torch.no_grad(), torch._C._DisableFuncTorch():
             pre = backend.forward(px, pw, pb, activation, store_preact=smooth, x_tangent=tx, weight_tangent=tw,
                                   bias_tangent=tb, store_preact_tangent=smooth)
-        return FusedLinearFunction.apply(x, weight, bias, activation, pre)[0]
+        return FusedLinearFunction.apply(x, weight, bias, activation, pre, weight_main_grad)[0]
     if wrapped or duals is not None or (torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
-        return FusedLinearFunction.apply(x, weight, bias, activation, None)[0]
+        return FusedLinearFunction.apply(x, weight, bias, activation, None, weight_main_grad)[0]
     # Nothing to differentiate (no_grad, inference_mode, or no input requires grad): no graph,
     # nothing saved, no pre-activation written.
     return backend.forward(x, weight, bias, activation)[0]

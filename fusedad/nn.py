@@ -15,18 +15,28 @@ class Linear(torch.nn.Linear):
     Args:
         in_features, out_features, bias, device, dtype: as ``torch.nn.Linear``.
         activation: None, "relu", "gelu", "gelu_tanh" or "silu", applied in the GEMM epilogue.
+        accumulate_main_grad: keep an fp32 ``weight.main_grad`` (allocated on first use) into which the
+            backward kernel adds dW, as Megatron does for bf16 parameters; ``weight.grad`` then stays
+            None. Zero it yourself between optimizer steps (``layer.weight.main_grad.zero_()``).
 
     Shape:
         input (*, in_features) -> output (*, out_features)
     """
 
-    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, activation=None):
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, activation=None,
+                 accumulate_main_grad=False):
         activations.check_activation(activation)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
+        self.accumulate_main_grad = accumulate_main_grad
 
     def forward(self, input):
-        return linear(input, self.weight, self.bias, self.activation)
+        main_grad = None
+        if self.accumulate_main_grad and self.weight.requires_grad:
+            main_grad = getattr(self.weight, "main_grad", None)
+            if main_grad is None:
+                main_grad = self.weight.main_grad = torch.zeros_like(self.weight, dtype=torch.float32)
+        return linear(input, self.weight, self.bias, self.activation, weight_main_grad=main_grad)
 
     def extra_repr(self):
         text = super().extra_repr()

@@ -213,6 +213,7 @@ def _linear_bwd_kernel(
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
     stride_dxm, stride_dxk, stride_dwn, stride_dwk, stride_db,
     ACT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    ACCUMULATE_DW: tl.constexpr,
     FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -220,7 +221,8 @@ def _linear_bwd_kernel(
 
     dy, s: (M, N)  x: (M, K)  w: (N, K)  dx: (M, K)  dw: (N, K)  db: (N,)
     Program ids [0, tiles(dX)) compute dX tiles, the rest dW tiles (or, with COMPUTE_DW off, only
-    the db row sums, one program per BLOCK_M slice of N).
+    the db row sums, one program per BLOCK_M slice of N). ACCUMULATE_DW: dw += dZᵀ·X (dw is then an
+    fp32 ``main_grad`` buffer: gradient accumulation over micro-batches without a separate add pass).
     """
     pid = tl.program_id(0)
     if COMPUTE_DX:
@@ -262,8 +264,11 @@ def _linear_bwd_kernel(
         mask_n = offs_n < N
         if COMPUTE_DW:
             mask = mask_n[:, None] & (offs_k < K)[None, :]
-            tl.store(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
-                     _cast(acc_dw, dw_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
+            dw_ptrs = dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk
+            if ACCUMULATE_DW:
+                # Each dW element belongs to exactly one tile: a plain read-add-write, no atomics.
+                acc_dw += tl.load(dw_ptrs, mask=mask, other=0.0).to(acc_dw.dtype)
+            tl.store(dw_ptrs, _cast(acc_dw, dw_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
         if COMPUTE_DB:
             # Every K column of tiles sees the same dZ rows; the first one writes db (no atomics).
             if pid_k == 0:

@@ -107,12 +107,16 @@ def _launch(kernel, name, grid_fn, args, flags, M, N, K, dtype, device, wrap=Non
         def run(c):
             kernel[grid_fn(c)](*args, **flags, **c.launch_kwargs())
 
+        # An accumulating launch must not be timed (each run would add into the output again): it
+        # takes the config tuned for the same launch without accumulation, or the heuristic.
+        accumulating = flags.get("ACCUMULATE_DW", False)
+        key_flags = dict(flags, ACCUMULATE_DW=False) if accumulating else flags
         with torch.cuda.device(device):
-            key = (torch.cuda.get_device_name(device), name, tuple(sorted(flags.items())), configs.m_bucket(M), N, K,
-                   dtype)
+            key = (torch.cuda.get_device_name(device), name, tuple(sorted(key_flags.items())), configs.m_bucket(M),
+                   N, K, dtype)
             cfg = configs.tuned_config(key, M, N, K, dtype, run,
                                        lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20),
-                                       tune=wrap is None)
+                                       tune=wrap is None and not accumulating)
     grid = grid_fn(cfg)
     for log in _RECORDERS:
         log.append(Launch(name, grid, dict(flags, **cfg.launch_kwargs())))
@@ -174,13 +178,15 @@ def linear_forward(x, weight, bias=None, activation=ACT_NONE, store_preact=False
 
 
 def linear_backward(grad_y, x, weight, saved, activation=ACT_NONE,
-                    need_x=True, need_weight=True, need_bias=False, wrap=None):
+                    need_x=True, need_weight=True, need_bias=False, wrap=None, weight_grad_out=None):
     """dZ = dY ⊙ act'(saved);  dX = dZ·W,  dW = dZᵀ·X,  db = Σ_rows dZ — one launch for all requested.
 
     Args:
         grad_y: (M, N); x: (M, K) (None if not need_weight); weight: (N, K) (None if not need_x);
         saved: (M, N) — relu: the forward's output y; gelu/gelu_tanh/silu: the
         pre-activation z; None for ACT_NONE.
+        weight_grad_out: (N, K), e.g. an fp32 ``main_grad``: dW is *added* into it in the kernel's
+        epilogue and it is returned as grad_w (no separate dW buffer, no extra pass).
     Returns:
         (grad_x (M, K) or None, grad_w (N, K) or None, grad_b (N,) or None)
     """
@@ -189,7 +195,12 @@ def linear_backward(grad_y, x, weight, saved, activation=ACT_NONE,
     ref = x if x is not None else weight if weight is not None else grad_y
     K = ref.shape[1] if ref is not grad_y else 0
     dx = _alloc((M, K), ref) if need_x else None
-    dw = _alloc((N, K), ref) if need_weight else None
+    accumulate = need_weight and weight_grad_out is not None
+    if accumulate:
+        assert weight_grad_out.shape == (N, K) and weight_grad_out.device == ref.device, (
+            f"weight_grad_out must be ({N}, {K}) on {ref.device}, got {tuple(weight_grad_out.shape)} on "
+            f"{weight_grad_out.device}")
+    dw = weight_grad_out if accumulate else (_alloc((N, K), ref) if need_weight else None)
     db = _alloc((N,), ref) if need_bias else None
     compute_dx = need_x and M > 0 and K > 0
     compute_dw = need_weight and N > 0 and K > 0
@@ -198,11 +209,11 @@ def linear_backward(grad_y, x, weight, saved, activation=ACT_NONE,
         return dx, dw, db
     if need_x and not compute_dx:
         dx.zero_()
-    if need_weight and not compute_dw:
+    if need_weight and not compute_dw and not accumulate:
         dw.zero_()
     flags = dict(
         ACT=activation, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-        **_common_flags(ref.dtype, grad_y, x, weight, saved, dx, dw),
+        ACCUMULATE_DW=accumulate and compute_dw, **_common_flags(ref.dtype, grad_y, x, weight, saved, dx, dw),
     )
     s = saved if activation != ACT_NONE else grad_y
     args = (

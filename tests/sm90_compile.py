@@ -16,7 +16,7 @@ Tile = namedtuple("Tile", "BLOCK_M BLOCK_N BLOCK_K GROUP_M num_warps num_stages"
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}
 
 FWD = dict(HAS_BIAS=True, STORE_Z=True, HAS_XT=False, HAS_WT=False, HAS_BT=False, STORE_ZT=False)
-BWD = dict(COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True)
+BWD = dict(COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True, ACCUMULATE_DW=False)
 TANGENTS = dict(HAS_XT=True, HAS_WT=True, HAS_BT=True, STORE_ZT=True)
 
 # (name, kernel, dtype, activation, flag overrides, tile config)
@@ -29,6 +29,9 @@ VARIANTS = [
     ("fwd fp64 none", "fwd", "fp64", 0, {"STORE_Z": False}, Tile(64, 64, 16, 8, 4, 2)),
     ("bwd bf16 gelu_tanh dx+dw+db", "bwd", "bf16", 3, {}, Tile(128, 128, 64, 8, 8, 3)),
     ("bwd bf16 relu dx+db (frozen W)", "bwd", "bf16", 1, {"COMPUTE_DW": False},
+     Tile(128, 128, 64, 8, 8, 3)),
+    ("bwd bf16 silu dw into fp32 main_grad", "bwd", "bf16", 4, {"COMPUTE_DX": False, "ACCUMULATE_DW": True,
+                                                                      "dw_ptr": "*fp32"},
      Tile(128, 128, 64, 8, 8, 3)),
     ("bwd fp64 silu dw int64", "bwd", "fp64", 4, {"COMPUTE_DX": False, "INT64": True},
      Tile(64, 64, 16, 8, 4, 2)),
@@ -45,9 +48,9 @@ def compile_variant(kind, dtype, act, overrides, cfg):
     kernel = gemm._linear_fwd_kernel if kind == "fwd" else gemm._linear_bwd_kernel
     flags = dict(FWD if kind == "fwd" else BWD)
     flags.update(ACT=act, FP64=dtype == "fp64", EMULATE_BF16=False, PRECISION="ieee", INT64=False)
-    flags.update(overrides)
+    flags.update({k: v for k, v in overrides.items() if not k.endswith("_ptr")})
     flags.update(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
-    signature = {name: (PTR[dtype] if name.endswith("_ptr") else ("i64" if flags["INT64"] else "i32"))
+    signature = {name: (overrides.get(name, PTR[dtype]) if name.endswith("_ptr") else ("i64" if flags["INT64"] else "i32"))
                  for name, p in zip(kernel.arg_names, kernel.params) if not p.is_constexpr}
     src = ASTSource(fn=kernel, signature=signature, constexprs=flags)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),

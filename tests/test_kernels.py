@@ -191,3 +191,20 @@ def test_huge_stride_view_is_read_correctly(device):
     ref64, ref = _references(x, w, torch.zeros(8, dtype=torch.float16, device=device), None, dy)
     for got, r64, r in zip((y, dx, dw), ref64, ref):
         assert_matches(got, r64, r)
+
+
+def test_weight_grad_accumulates_into_fp32_main_grad(device):
+    """bf16 weight, fp32 main_grad: dW is added in the kernel epilogue (ACCUMULATE_DW), no dW buffer."""
+    _needs_kernels(device)
+    M, K, N = 21, 18, 12
+    x, w, dy = (randn(*s, dtype=torch.bfloat16, device=device) for s in ((M, K), (N, K), (M, N)))
+    y, z, _, _ = linear_forward(x, w, None, ACTIVATION_IDS["gelu"], store_preact=True)
+    start = randn(N, K, device=device)
+    main_grad = start.clone()
+    with record_launches() as log:
+        dx, dw, _ = linear_backward(dy, x, w, z, ACTIVATION_IDS["gelu"], True, True, False,
+                                    weight_grad_out=main_grad)
+    assert dw is main_grad and log[0].flags["ACCUMULATE_DW"]
+    ref64, ref = _references(x, w, torch.zeros(N, dtype=torch.bfloat16, device=device), "gelu", dy)
+    assert_matches(main_grad - start, ref64[2], ref[2].float(), "main_grad increment")
+    assert_matches(dx, ref64[1], ref[1], "dx")

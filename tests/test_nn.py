@@ -159,3 +159,19 @@ def test_seed_grad_modes(device):
     assert y_ng.grad_fn is None and not y_ng.requires_grad
     assert y_inf.grad_fn is None and torch.is_inference(y_inf)
     assert torch.equal(y.detach(), y_ng) and torch.equal(y_ng, y_inf)
+
+
+def test_accumulate_main_grad_over_micro_batches(device):
+    """Megatron-style: bf16 weight, fp32 weight.main_grad summed over micro-batches, weight.grad None."""
+    layer = fusedad.nn.Linear(16, 8, activation="silu", device=device, dtype=torch.bfloat16,
+                              accumulate_main_grad=True)
+    ref = nn.Linear(16, 8, device=device, dtype=torch.float64)
+    ref.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    for _ in range(3):
+        x = randn(5, 16, device=device, dtype=torch.bfloat16)
+        layer(x).float().sum().backward()
+        F.silu(ref(x.double())).sum().backward()
+    assert layer.weight.grad is None and layer.weight.main_grad.dtype == torch.float32
+    torch.testing.assert_close(layer.weight.main_grad.double(), ref.weight.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(layer.bias.grad.double(), ref.bias.grad, rtol=2e-2, atol=5e-2)
+    assert "accumulate_main_grad" not in repr(layer)  # extra_repr stays nn.Linear's (+ activation)
