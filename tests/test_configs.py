@@ -1,0 +1,82 @@
+"""The tile-config policy of ``kernels/configs.py``: bounded candidates, one timing per key, cache,
+failing configs skipped, the FUSEDAD_AUTOTUNE switch, and no timing where none may run."""
+import pytest
+import torch
+
+from fusedad.kernels import configs
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    configs.clear_cache()
+    yield
+    configs.clear_cache()
+
+
+def _fake_bench(times):
+    """bench(fn) that runs fn once and returns the time assigned to the config it ran."""
+    ran = []
+
+    def bench(fn):
+        cfg = fn()
+        ran.append(cfg)
+        return times(cfg)
+
+    return bench, ran
+
+
+@pytest.mark.parametrize("M", [1, 16, 17, 128, 129, 8192])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+def test_candidate_sets_are_bounded(M, dtype):
+    cands = configs.candidates(M, 4096, 4096, dtype)
+    assert 1 <= len(cands) <= 6 and len(set(cands)) == len(cands)
+    for c in cands:
+        assert all(v & (v - 1) == 0 for v in (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K)), c  # powers of two
+        assert min(c.BLOCK_M, c.BLOCK_N, c.BLOCK_K) >= 16  # tl.dot's minimum
+
+
+def test_m_buckets():
+    assert [configs.m_bucket(m) for m in (1, 16, 17, 100, 8192, 100000)] == [16, 16, 32, 128, 8192, 8192]
+
+
+def test_tuned_once_then_cached(monkeypatch):
+    monkeypatch.delenv("FUSEDAD_AUTOTUNE", raising=False)
+    cands = configs.candidates(256, 512, 512, torch.bfloat16)
+    best = cands[2]
+    bench, ran = _fake_bench(lambda c: 1.0 if c == best else 2.0)
+    key = ("dev", "k", 256)
+    assert configs.tuned_config(key, 256, 512, 512, torch.bfloat16, lambda c: c, bench) == best
+    assert ran == cands  # each candidate timed exactly once
+    assert configs.tuned_config(key, 256, 512, 512, torch.bfloat16, lambda c: c, bench) == best
+    assert len(ran) == len(cands)  # the second call is a cache hit
+
+
+def test_failing_configs_are_skipped(monkeypatch):
+    monkeypatch.delenv("FUSEDAD_AUTOTUNE", raising=False)
+    cands = configs.candidates(4096, 4096, 4096, torch.bfloat16)
+
+    def run(c):
+        if c.BLOCK_M * c.BLOCK_N >= 128 * 256:
+            raise RuntimeError("out of resources: shared memory")  # what Triton raises for a too-big tile
+        return c
+
+    bench, ran = _fake_bench(lambda c: c.BLOCK_M * c.BLOCK_N)  # bigger (failing) tiles would look faster
+    cfg = configs.tuned_config(("dev", "k"), 4096, 4096, 4096, torch.bfloat16, run, bench)
+    assert cfg.BLOCK_M * cfg.BLOCK_N < 128 * 256 and cfg in cands
+
+
+@pytest.mark.parametrize("how", ["env", "tune=False"])
+def test_no_timing_when_switched_off(monkeypatch, how):
+    if how == "env":
+        monkeypatch.setenv("FUSEDAD_AUTOTUNE", "0")
+
+    def bench(fn):
+        raise AssertionError("must not time anything")
+
+    cfg = configs.tuned_config(("dev", "k"), 64, 64, 64, torch.float32, lambda c: c, bench, tune=(how == "env"))
+    assert cfg == configs.candidates(64, 64, 64, torch.float32)[0]  # the heuristic's pick
+
+
+def test_interpreter_config_is_small_and_covers_tiny_shapes():
+    c = configs.interpreter_config(3, 100, 7)
+    assert (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K) == (16, 64, 16)
