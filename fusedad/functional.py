@@ -6,7 +6,7 @@ import torch.autograd.forward_ad as fwAD
 
 from . import activations, backend, ops
 from ._validate import check_linear_args
-from .autograd import FusedLinearFunction, is_functorch_tensor
+from .autograd import FusedLinearEagerFunction, FusedLinearFunction, is_functorch_tensor
 
 
 def linear(input, weight, bias=None, activation=None, *, weight_main_grad=None):
@@ -30,7 +30,7 @@ def linear(input, weight, bias=None, activation=None, *, weight_main_grad=None):
     which). Under autocast it casts like ``nn.Linear`` (to the autocast dtype) and gradients flow back
     in the original dtypes.
     """
-    check_activation = activations.check_activation(activation)  # noqa: F841 - raises on a bad name
+    activations.check_activation(activation)  # raises on an unknown name
     if isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor):
         input, weight, bias = _autocast(input, weight, bias)
     check_linear_args(input, weight, bias)
@@ -42,6 +42,8 @@ def linear(input, weight, bias=None, activation=None, *, weight_main_grad=None):
     if bias is not None and bias.shape != (out_features,):
         bias = bias.expand(out_features)  # () or (1,): a stride-0 view, read as is by the kernels
     lead = input.shape[:-1]
+    # 2-D inputs reach the kernels with their own strides; leading dims are folded into rows (a view
+    # whenever they can be, as F.linear does).
     x = input if input.dim() == 2 else input.reshape(math.prod(lead), in_features)
     if weight_main_grad is not None:
         _check_main_grad(weight_main_grad, weight)
@@ -117,9 +119,10 @@ def _linear_2d(x, weight, bias, activation, weight_main_grad=None):
             pre = backend.forward(px, pw, pb, activation, store_preact=smooth, x_tangent=tx, weight_tangent=tw,
                                   bias_tangent=tb, store_preact_tangent=smooth)
         return FusedLinearFunction.apply(x, weight, bias, activation, pre, weight_main_grad)[0]
-    if wrapped or duals is not None or (torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))):
+    if wrapped or duals is not None:  # torch.func transforms and forward AD need setup_context style
         return FusedLinearFunction.apply(x, weight, bias, activation, None, weight_main_grad)[0]
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return FusedLinearEagerFunction.apply(x, weight, bias, activation, None, weight_main_grad)[0]
     # Nothing to differentiate (no_grad, inference_mode, or no input requires grad): no graph,
     # nothing saved, no pre-activation written.
     return backend.forward(x, weight, bias, activation)[0]

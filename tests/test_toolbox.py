@@ -81,7 +81,7 @@ def test_eager_calls_do_not_use_the_custom_ops(device):
     """Outside torch.compile the Function launches the kernels directly (no dispatcher boundary)."""
     x, w = randn(3, 4, device=device, requires_grad=True), randn(2, 4, device=device, requires_grad=True)
     y = fusedad.linear(x, w, None, "relu")
-    assert "FusedLinearFunction" in type(y.grad_fn).__name__
+    assert type(y.grad_fn).__name__.startswith("FusedLinear")
 
 
 # ---- autocast -------------------------------------------------------------------------------------
@@ -220,6 +220,9 @@ def _ddp_worker(rank, world, store, x, y, state, out_dir):
     if rank == 0:
         torch.save({k: p.grad for k, p in model.named_parameters()}, os.path.join(out_dir, "grads.pt"))
     dist.destroy_process_group()
+    # Skip interpreter finalisation: with torch 2.13 (CPU, gloo) a spawned rank sometimes hangs at exit
+    # after destroy_process_group — plain nn.Linear DDP too (2 of 8 runs, 2026-11-26); os._exit never did.
+    os._exit(0)
 
 
 def test_ddp_gloo_two_processes_match_single_process(device, tmp_path):
