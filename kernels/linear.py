@@ -10,6 +10,7 @@ contiguous.
 """
 import contextlib
 import dataclasses
+import functools
 import os
 
 import torch
@@ -59,6 +60,12 @@ def _alloc(shape, like, dtype=None):
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
     return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index):
+    """The card's name (the autotune cache is per device model); index None = the current device."""
+    return torch.cuda.get_device_name(index)
 
 
 def _max_offset(t):
@@ -112,7 +119,7 @@ def _launch(kernel, name, grid_fn, args, flags, M, N, K, dtype, device, wrap=Non
         accumulating = flags.get("ACCUMULATE_DW", False)
         key_flags = dict(flags, ACCUMULATE_DW=False) if accumulating else flags
         with torch.cuda.device(device):
-            key = (torch.cuda.get_device_name(device), name, tuple(sorted(key_flags.items())), configs.m_bucket(M),
+            key = (_device_name(device.index), name, tuple(sorted(key_flags.items())), configs.m_bucket(M),
                    N, K, dtype)
             cfg = configs.tuned_config(key, M, N, K, dtype, run,
                                        lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20),

@@ -143,6 +143,15 @@ def test_fp32_precision_follows_torch(device):
     with record_launches() as log:
         linear_forward(x.double(), w.double())
     assert log[0].flags["PRECISION"] == "ieee"
+    old_precision = torch.get_float32_matmul_precision()
+    try:
+        for setting, expect in (("high", "tf32"), ("highest", "ieee")):
+            torch.set_float32_matmul_precision(setting)  # the other switch users reach for
+            with record_launches() as log:
+                linear_forward(x, w)
+            assert log[0].flags["PRECISION"] == expect, setting
+    finally:
+        torch.set_float32_matmul_precision(old_precision)
 
 
 def test_forward_mode_tangents_in_the_same_launch(device):
