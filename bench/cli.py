@@ -60,7 +60,7 @@ def build_parser():
                    help=f"suites to run, of {', '.join(SUITES)} (default: all)")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), metavar="DTYPE",
                    help=f"dtypes, of {', '.join(DTYPES)}, for every suite (default CUDA: all, bf16 with --quick; "
-                        "CPU: all for layers, fp32 for Net3 — see plan.py)")
+                        "CPU: see plan.py)")
     p.add_argument("--activation", nargs="+", choices=ACTIVATIONS, metavar="ACT",
                    help=f"layer activations, of {', '.join(ACTIVATIONS)} (default: none gelu_tanh relu)")
     p.add_argument("--phase", nargs="+", choices=PHASES, metavar="PHASE",
