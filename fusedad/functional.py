@@ -65,16 +65,16 @@ def _autocast(input, weight, bias):
     return cast(input), cast(weight), cast(bias)
 
 
-def _forward_tangents(x, weight, bias):
+def _forward_tangents(x, weight, bias, wrapped):
     """Forward-mode (primal, tangent) pairs of the arguments as plain tensors, or None.
 
-    None when no argument carries a tangent. Under ``torch.func.jvp`` the dual tensors are functorch
-    wrappers of one level; they are unwrapped here (a primal computed from the unwrapped values is
-    what functorch expects from the Function's forward and jvp). Returns None as well when any value is
-    still wrapped after that (jacfwd's batched tangents, nested transforms): the Function's own
-    jvp then builds the tangent from fusedad calls.
+    ``wrapped``: whether any argument is a functorch tensor. None when no argument carries a tangent.
+    Under ``torch.func.jvp`` the dual tensors are functorch wrappers of one level; they are unwrapped
+    here (a primal computed from the unwrapped values is what functorch expects from the Function's
+    forward and jvp). The caller falls back to the Function's own jvp (tangents from fusedad calls)
+    when a value is still wrapped after that (jacfwd's batched tangents, nested transforms).
     """
-    if fwAD._current_level < 0 and not any(is_functorch_tensor(t) for t in (x, weight, bias)):
+    if fwAD._current_level < 0 and not wrapped:
         return None
     pairs = []
     for t in (x, weight, bias):
@@ -109,7 +109,7 @@ def _linear_2d(x, weight, bias, activation, weight_main_grad=None):
         # Dynamo: an opaque custom op with registered autograd; its CUDA body is our Triton kernels.
         return ops.linear(x, weight, bias, activation)
     wrapped = any(is_functorch_tensor(t) for t in (x, weight, bias))
-    duals = _forward_tangents(x, weight, bias)
+    duals = _forward_tangents(x, weight, bias, wrapped)
     if duals is not None and not any(is_functorch_tensor(t) for pair in duals for t in pair):
         # The seed's forward mode in lockstep: one kernel emits y, z, ẏ and ż from shared X/W tiles.
         (px, tx), (pw, tw), (pb, tb) = duals
