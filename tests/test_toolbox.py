@@ -51,6 +51,20 @@ def test_compile_fullgraph_forward_and_backward(device):
         torch.testing.assert_close(g_c, g, rtol=1e-5, atol=1e-6)
 
 
+def test_compile_under_autocast_and_batch_dims(device):
+    torch._dynamo.reset()
+    model = _mlp(device)
+    compiled = torch.compile(model, fullgraph=True)
+    x = randn(2, 3, 8, device=device)
+    dtype = torch.bfloat16
+    with torch.autocast(device, dtype=dtype):
+        y_c, y = compiled(x), model(x)
+    assert y_c.dtype == y.dtype == dtype and y_c.shape == (2, 3, 3)
+    torch.testing.assert_close(y_c, y, rtol=2e-2, atol=2e-2)
+    y_c.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
 def test_compiled_graph_calls_our_ops(device):
     """The compiled graph holds fusedad::linear_fwd / linear_bwd, not a decomposition into aten.mm."""
     torch._dynamo.reset()
