@@ -3,7 +3,8 @@
 The interpreter accepts code the GPU compiler rejects (e.g. branches that assign one name with two
 types), so CI also lowers every kernel variant through Triton's real pipeline down to a cubin with
 ptxas. Run as a script (the interpreter must be off while the kernels are defined); prints one JSON
-line per variant: {"variant", "ok", "block_m", "shared", "wgmma", "pipelined", "cubin", "error"}.
+line per variant: {"variant", "ok", "block_m", "shared", "regs", "stack", "wgmma", "pipelined", "cubin",
+"error"} (regs/stack from cuobjdump -res-usage, None where Triton ships no cuobjdump).
 """
 import json
 import os
@@ -20,10 +21,15 @@ BWD = dict(COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True, ACCUMULATE_DW=Fals
 TANGENTS = dict(HAS_XT=True, HAS_WT=True, HAS_BT=True, STORE_ZT=True)
 
 # (name, kernel, dtype, activation, flag overrides, tile config)
+# The heuristic picks of kernels/configs.py (test_configs.py keeps these in sync) come first.
+HEURISTIC_TILES = {"M<=16": Tile(16, 64, 128, 1, 8, 4), "M<=128": Tile(64, 64, 64, 8, 4, 4),
+                   "M>128": Tile(128, 128, 64, 8, 8, 3)}
 VARIANTS = [
+    *((f"{kind} bf16 gelu_tanh heuristic {bucket}", kind, "bf16", 3, {}, tile)
+      for bucket, tile in HEURISTIC_TILES.items() if bucket != "M>128" for kind in ("fwd", "bwd")),
     ("fwd bf16 gelu_tanh", "fwd", "bf16", 3, {}, Tile(128, 128, 64, 8, 8, 3)),
     ("fwd bf16 relu tangents", "fwd", "bf16", 1, TANGENTS, Tile(128, 128, 64, 8, 8, 3)),
-    ("fwd fp16 silu decode", "fwd", "fp16", 4, {"HAS_BIAS": False}, Tile(16, 64, 128, 1, 4, 4)),
+    ("fwd fp16 silu decode", "fwd", "fp16", 4, {"HAS_BIAS": False}, Tile(16, 64, 128, 1, 8, 4)),
     ("fwd fp32 tf32 gelu int64", "fwd", "fp32", 2, {"PRECISION": "tf32", "INT64": True},
      Tile(128, 128, 32, 8, 8, 3)),
     ("fwd fp64 none", "fwd", "fp64", 0, {"STORE_Z": False}, Tile(64, 64, 16, 8, 4, 2)),
@@ -77,6 +83,25 @@ def compile_variant(kind, dtype, act, overrides, cfg):
                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
+def resource_usage(cubin):
+    """(registers, stack bytes) per thread from the cuobjdump bundled with Triton, or (None, None)."""
+    import glob
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tools = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    if not tools:
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tools[0], "-res-usage", f.name], capture_output=True, text=True).stdout
+    fields = dict(part.split(":") for line in out.splitlines() if "REG:" in line for part in line.split())
+    return (int(fields["REG"]), int(fields["STACK"])) if fields else (None, None)
+
+
 def main(names):
     for name, kernel, dtype, act, overrides, cfg in VARIANTS:
         if names and name not in names:
@@ -84,12 +109,13 @@ def main(names):
         try:
             k = compile_variant(kernel, dtype, act, overrides, cfg)
             ptx = k.asm["ptx"]
-            row = dict(variant=name, ok=True, block_m=cfg.BLOCK_M, shared=k.metadata.shared,
+            regs, stack = resource_usage(k.asm["cubin"])
+            row = dict(variant=name, ok=True, block_m=cfg.BLOCK_M, shared=k.metadata.shared, regs=regs, stack=stack,
                        wgmma="wgmma.mma_async" in ptx,
                        pipelined="async_copy_global_to_local" in k.asm["ttgir"] or "async_tma" in k.asm["ttgir"],
                        cubin=len(k.asm.get("cubin", b"")) > 0, error=None)
         except Exception as e:  # noqa: BLE001 - reported to the test, which fails with the message
-            row = dict(variant=name, ok=False, block_m=cfg.BLOCK_M, shared=None, pipelined=False, wgmma=False, cubin=False, error=f"{type(e).__name__}: {e}")
+            row = dict(variant=name, ok=False, block_m=cfg.BLOCK_M, shared=None, regs=None, stack=None, pipelined=False, wgmma=False, cubin=False, error=f"{type(e).__name__}: {e}")
         print(json.dumps(row), flush=True)
 
 

@@ -80,3 +80,13 @@ def test_no_timing_when_switched_off(monkeypatch, how):
 def test_interpreter_config_is_small_and_covers_tiny_shapes():
     c = configs.interpreter_config(3, 100, 7)
     assert (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K) == (16, 64, 16)
+
+
+def test_heuristic_picks_are_the_tiles_compiled_in_ci():
+    """tests/sm90_compile.py lowers these exact tiles (and checks them for spills)."""
+    from sm90_compile import HEURISTIC_TILES
+
+    for M, bucket in ((1, "M<=16"), (100, "M<=128"), (4096, "M>128")):
+        c = configs.candidates(M, 4096, 4096, torch.bfloat16)[0]
+        assert tuple(HEURISTIC_TILES[bucket]) == (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.GROUP_M, c.num_warps,
+                                                  c.num_stages), bucket
