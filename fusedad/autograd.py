@@ -133,10 +133,10 @@ class FusedLinearEagerFunction(torch.autograd.Function):
     """The same Function for the plain eager hot path, in the ``forward(ctx, ...)`` style.
 
     ``Function.apply`` re-binds the forward's signature with ``inspect`` on every call when a
-    ``setup_context`` is defined (measured: ~25 µs of the ~70 µs fusedad added per recorded call of a
-    tiny layer on this project's 2-core CPU machine, `python -m bench.overhead`). torch.func needs that
-    style, so functional.py sends wrapped tensors and forward-mode AD to FusedLinearFunction and
-    everything else here.
+    ``setup_context`` is defined. Measured with `python -m bench.overhead` (tiny layer, eager backend,
+    this project's 2-core CPU machine): fusedad's added cost per recorded forward fell from +67.7 µs
+    to +30.9 µs with this class. torch.func needs the setup_context style, so functional.py sends
+    wrapped tensors and forward-mode AD to FusedLinearFunction and everything else here.
     """
 
     @staticmethod
