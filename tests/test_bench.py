@@ -310,3 +310,12 @@ def test_cli_help_plan_options_and_cpu_results_dir_is_gitignored():
 
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_check.sh")], check=True)
+
+
+def test_overhead_script_runs():
+    """bench.overhead measures fusedad vs nn.Linear per call (here: few rounds, values not judged)."""
+    from bench import overhead
+
+    result = overhead.measure("cpu", rounds=2, calls=3)
+    assert set(result) == {"forward (no_grad)", "forward (recording)", "forward+backward"}
+    assert all(a > 0 and b > 0 for a, b in result.values())
