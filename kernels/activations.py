@@ -31,10 +31,8 @@ ACTIVATION_IDS = {
     "silu": ACT_SILU,
 }
 
-_SQRT_1_2 = 0.7071067811865476  # 1/√2
-_INV_SQRT_2PI = 0.3989422804014327  # 1/√(2π)
-_SQRT_2_PI = 0.7978845608028654  # √(2/π)
-_GELU_C = 0.044715
+# Literals in the jit functions below (module floats would need tl.constexpr globals):
+# 0.7071067811865476 = 1/√2, 0.3989422804014327 = 1/√(2π), 0.7978845608028654 = √(2/π), 0.044715 = GELU's c.
 
 
 @triton.jit

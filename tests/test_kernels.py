@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from conftest import ACTS, DEVICES, DTYPES, assert_matches, randn, reference_linear, runs_kernels
-from fusedad import activations
 from fusedad.kernels import ACTIVATION_IDS, linear_backward, linear_forward, needs_int64, record_launches
 
 pytestmark = pytest.mark.parametrize("device", DEVICES)
