@@ -180,7 +180,7 @@ def test_more_than_2_31_elements_on_gpu():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (device context of a backward)")
-def test_backward_runs_on_the_tensors_device():
+def test_backward_runs_on_the_tensors_device_on_gpu():
     layer = fusedad.nn.Linear(64, 32, activation="gelu", device="cuda:1")
     x = randn(16, 64, device="cuda:1", requires_grad=True)
     with torch.cuda.device(0):
