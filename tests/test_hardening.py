@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fusedad
-from conftest import ACTS, DEVICES, DTYPES, FLOOR, randn, reference_linear, rel_err, runs_kernels
+from conftest import ACTS, DEVICES, DTYPES, check_against_references, randn, reference_linear, rel_err, runs_kernels
 
 EXAMPLES = int(os.environ.get("FUSEDAD_HYPOTHESIS_EXAMPLES", "100"))
 SIZES = st.sampled_from([0, 1, 2, 3, 5, 7, 13, 16, 17, 31, 64, 67, 100])
@@ -57,23 +57,7 @@ def test_fuzz_matches_float64_reference(case):
     for t, g in zip(leaves, case["grads"]):
         t.requires_grad_(g)
     dy = _make((*lead, M, N), dtype, device, ldy)
-
-    y = fusedad.linear(x, w, b, case["act"])
-    as64 = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
-    ase = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
-    y64 = reference_linear(*(as64 + [None] * (3 - len(as64))), case["act"])
-    ye = reference_linear(*(ase + [None] * (3 - len(ase))), case["act"])
-    pairs = [("y", y, y64, ye)]
-    wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
-    if wanted:
-        g = torch.autograd.grad(y, [leaves[i] for i in wanted], dy)
-        g64 = torch.autograd.grad(y64, [as64[i] for i in wanted], dy.double())
-        ge = torch.autograd.grad(ye, [ase[i] for i in wanted], dy)
-        pairs += [(f"grad{i}", *t) for i, t in zip(wanted, zip(g, g64, ge))]
-    for name, out, ref64, eager in pairs:
-        assert out.shape == ref64.shape and out.dtype == dtype, name
-        err, eager_err = rel_err(out, ref64), rel_err(eager, ref64)
-        assert err <= 2 * eager_err + FLOOR[dtype], f"{name}: {err:.3e} vs eager {eager_err:.3e} ({case})"
+    check_against_references(x, w, b, case["act"], dy, context=str(case))
 
 
 # ---- non-finite values ----------------------------------------------------------------------------
