@@ -119,6 +119,30 @@ def main(names):
         print(json.dumps(row), flush=True)
 
 
+def sweep_candidates():
+    """Every bf16 autotune candidate of kernels/configs.py, fwd and bwd with gelu_tanh (the costliest
+    epilogue/prologue): one JSON line each with shared memory, registers and stack (spill) bytes."""
+    import torch
+
+    from fusedad.kernels import configs
+
+    seen = set()
+    for M in (1, 64, 4096):
+        for c in configs.candidates(M, 4096, 4096, torch.bfloat16):
+            tile = Tile(c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.GROUP_M, c.num_warps, c.num_stages)
+            for kind in ("fwd", "bwd"):
+                if (kind, tile) in seen:
+                    continue
+                seen.add((kind, tile))
+                k = compile_variant(kind, "bf16", 3, {}, tile)
+                regs, stack = resource_usage(k.asm["cubin"])
+                print(json.dumps(dict(kind=kind, tile=list(tile), shared=k.metadata.shared, regs=regs, stack=stack)),
+                      flush=True)
+
+
 if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)  # before fusedad.kernels defines the kernels
-    main(sys.argv[1:])
+    if sys.argv[1:] == ["--sweep-candidates"]:
+        sweep_candidates()
+    else:
+        main(sys.argv[1:])
