@@ -7,6 +7,8 @@ Every implementation of a case shares eager's Parameter objects (``fusedad.conve
 keeps the Parameters; ``torch.compile`` wraps the eager module), and gradients are taken with
 ``torch.autograd.grad`` so nothing accumulates into ``.grad`` between calls.
 """
+import contextlib
+
 import torch
 from torch import nn
 
@@ -54,13 +56,22 @@ def compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
+def _forward_under(grad_mode, model, x):
+    """fn() running ``model(x)`` inside ``grad_mode()`` (a context manager factory) -> (output,)."""
+    def fn():
+        with grad_mode():
+            return (model(x),)
+    return fn
+
+
+#: Net3's forward grad modes (plan.MODES) as context-manager factories.
+GRAD_MODES = {"default": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
 def _phase_fn(model, phase, x, dy, xt):
     """One layer phase (see plan.PHASES) of ``model`` -> fn() returning the tensors to compare."""
     if phase == "fwd":
-        def fn():
-            with torch.no_grad():
-                return (model(x),)
-        return fn
+        return _forward_under(torch.no_grad, model, x)
     if phase == "jvp":
         def fn():
             with torch.no_grad():
@@ -141,18 +152,8 @@ def layer_builders(shape, dtype, activation, phase, impls, device, plant_mismatc
 
 def _mode_fn(model, mode, x, dout):
     """Net3 in one grad mode (plan.MODES) -> fn() returning the output (and the weight gradients)."""
-    if mode == "default":
-        return lambda: (model(x),)
-    if mode == "no_grad":
-        def fn():
-            with torch.no_grad():
-                return (model(x),)
-        return fn
-    if mode == "inference_mode":
-        def fn():
-            with torch.inference_mode():
-                return (model(x),)
-        return fn
+    if mode in GRAD_MODES:
+        return _forward_under(GRAD_MODES[mode], model, x)
     if mode == "fwd+bwd":
         params = [p for p in model.parameters() if p.requires_grad]
 
