@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fusedad  # noqa: E402
+from bench import checks  # noqa: E402
 from fusedad import activations  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -47,14 +48,10 @@ def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=False, scale=
 
 
 def rel_err(out, ref):
-    """‖out − ref‖ / ‖ref‖ in float64; NaN/Inf in ``out`` fail loudly (NaN never passes)."""
+    """‖out − ref‖ / ‖ref‖ in float64 (bench/checks.py's); NaN/Inf in ``out`` fail loudly (NaN never passes)."""
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    assert torch.isfinite(out).all(), "non-finite values (a kernel left a poisoned element or overflowed)"
-    if ref.numel() == 0:
-        return 0.0
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+    assert torch.isfinite(out.detach()).all(), "non-finite values (a kernel left a poisoned element or overflowed)"
+    return checks.rel_err(out, ref)
 
 
 def assert_matches(out, ref64, eager, what=""):
