@@ -106,5 +106,19 @@ def tuned_config(key, M, N, K, dtype, run, bench, tune=True):
     return best
 
 
+def launch_config(device_name, kernel_name, flags, M, N, K, dtype, run, bench, traced=False):
+    """The config for one CUDA launch: ``tuned_config`` under the launch rules.
+
+    * the key holds the device model, kernel, constexpr flags, M bucket, N, K and dtype;
+    * an accumulating launch (``ACCUMULATE_DW``) is never timed — each timed run would add into the
+      output again — and takes the config tuned for the same launch without accumulation, or the heuristic;
+    * ``traced`` (inside a torch.compile trace) times nothing either: a cache hit or the heuristic.
+    """
+    accumulating = bool(flags.get("ACCUMULATE_DW", False))
+    key_flags = dict(flags, ACCUMULATE_DW=False) if accumulating else flags
+    key = (device_name, kernel_name, tuple(sorted(key_flags.items())), m_bucket(M), N, K, dtype)
+    return tuned_config(key, M, N, K, dtype, run, bench, tune=not traced and not accumulating)
+
+
 def clear_cache():
     _CACHE.clear()

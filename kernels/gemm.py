@@ -27,12 +27,20 @@ def _cast(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
     With EMULATE_BF16 (set under the interpreter only) fp32→bf16 is rounded by hand: Triton 3.9's
     interpreter truncates (measured: 1024/1024 random values matched truncation, 51% matched
-    round-to-nearest), which would double bf16 errors on CPU against what the GPU computes.
+    round-to-nearest) and flushes subnormals, which would double bf16 errors on CPU against what the
+    GPU computes. tests/test_kernels.py checks this bit for bit against torch's conversion.
     """
     if EMULATE_BF16 and dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+        x32 = x.to(tl.float32)
+        bits = x32.to(tl.uint32, bitcast=True)
+        # Add half an ulp of bf16 (minus one, plus the kept lsb: ties go to even), then drop the low half.
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        # NaNs: rounding could carry a full payload into the sign, and cutting a payload that lives only
+        # in the low half would leave inf; set the quiet bit (bit 22) so the cut keeps a NaN.
+        quiet_nan = (bits | 0x00400000) & 0xFFFF0000
+        # The kept high half is the bf16 bit pattern: reinterpret it rather than convert (the
+        # interpreter's own conversion also flushes subnormals to zero).
+        return (tl.where(x32 != x32, quiet_nan, rounded) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(dtype)
 
 

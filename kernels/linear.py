@@ -39,6 +39,8 @@ class Launch:
     kernel: str
     grid: tuple
     flags: dict
+    #: the kernel's positional arguments (tensors as passed: a test can check that a view was not copied)
+    args: tuple = ()
 
 
 _RECORDERS = []
@@ -72,9 +74,27 @@ def _max_offset(t):
     return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
 
 
+_FORCED_INT64 = []
+
+
+@contextlib.contextmanager
+def force_int64():
+    """Run the 64-bit index path inside the ``with`` block even for small tensors.
+
+    For tests: the INT64 specialisation can then be checked on any shape without reserving a >2³¹-element
+    range (the huge-stride cases themselves run in a subprocess, where a wrapped offset can only crash
+    that process).
+    """
+    _FORCED_INT64.append(True)
+    try:
+        yield
+    finally:
+        _FORCED_INT64.pop()
+
+
 def needs_int64(*tensors):
     """True if any tensor has an element offset ≥ 2³¹ (int32 index math would wrap)."""
-    return any(t is not None and _max_offset(t) >= _INT32_LIMIT - 1 for t in tensors)
+    return bool(_FORCED_INT64) or any(t is not None and _max_offset(t) >= _INT32_LIMIT - 1 for t in tensors)
 
 
 def dot_precision(dtype):
@@ -114,19 +134,13 @@ def _launch(kernel, name, grid_fn, args, flags, M, N, K, dtype, device, wrap=Non
         def run(c):
             kernel[grid_fn(c)](*args, **flags, **c.launch_kwargs())
 
-        # An accumulating launch must not be timed (each run would add into the output again): it
-        # takes the config tuned for the same launch without accumulation, or the heuristic.
-        accumulating = flags.get("ACCUMULATE_DW", False)
-        key_flags = dict(flags, ACCUMULATE_DW=False) if accumulating else flags
         with torch.cuda.device(device):
-            key = (_device_name(device.index), name, tuple(sorted(key_flags.items())), configs.m_bucket(M),
-                   N, K, dtype)
-            cfg = configs.tuned_config(key, M, N, K, dtype, run,
-                                       lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20),
-                                       tune=wrap is None and not accumulating)
+            cfg = configs.launch_config(_device_name(device.index), name, flags, M, N, K, dtype, run,
+                                        lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20),
+                                        traced=wrap is not None)
     grid = grid_fn(cfg)
     for log in _RECORDERS:
-        log.append(Launch(name, grid, dict(flags, **cfg.launch_kwargs())))
+        log.append(Launch(name, grid, dict(flags, **cfg.launch_kwargs()), args))
     if grid[0] == 0:
         return
     launcher = kernel if wrap is None else wrap(kernel)
@@ -248,4 +262,4 @@ def _or(t, default):
 
 
 __all__ = ["linear_forward", "linear_backward", "record_launches", "Launch", "INTERPRETER",
-           "needs_int64", "dot_precision"]
+           "needs_int64", "force_int64", "dot_precision"]

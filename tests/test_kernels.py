@@ -4,9 +4,14 @@ On a CPU-only machine these run the kernels through Triton's interpreter, never 
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from conftest import ACTS, DEVICES, DTYPES, assert_matches, randn, reference_linear, runs_kernels
-from fusedad.kernels import ACTIVATION_IDS, linear_backward, linear_forward, needs_int64, record_launches
+from conftest import ACTS, DEVICES, DTYPES, assert_matches, randn, reference_linear, run_isolated, runs_kernels
+from fusedad.kernels import (ACTIVATION_IDS, force_int64, linear_backward, linear_forward, needs_int64,
+                             record_launches)
+from fusedad.kernels.gemm import _cast
+from fusedad.kernels.linear import INTERPRETER
 
 pytestmark = pytest.mark.parametrize("device", DEVICES)
 
@@ -73,8 +78,14 @@ def _strided_operands(device, how):
 def test_any_strides_without_copies(device, how):
     _needs_kernels(device)
     x, w, b, dy = _strided_operands(device, how)
-    y, z, _, _ = linear_forward(x, w, b, ACTIVATION_IDS["silu"], store_preact=True)
-    dx, dw, db = linear_backward(dy, x, w, z, ACTIVATION_IDS["silu"], True, True, True)
+    with record_launches() as log:
+        y, z, _, _ = linear_forward(x, w, b, ACTIVATION_IDS["silu"], store_preact=True)
+        dx, dw, db = linear_backward(dy, x, w, z, ACTIVATION_IDS["silu"], True, True, True)
+    fwd, bwd = log
+    # The kernels got the views themselves (no .contiguous() copy on the way), with their strides.
+    assert all(any(a is t for a in fwd.args) for t in (x, w, b))
+    assert all(any(a is t for a in bwd.args) for t in (dy, x, w))
+    assert set(x.stride()) <= set(a for a in fwd.args if isinstance(a, int))
     ref64, ref = _references(x, w, b, "silu", dy)
     for got, r64, r in zip((y, dx, dw, db), ref64, ref):
         assert_matches(got, r64, r, how)
@@ -153,11 +164,12 @@ def test_fp32_precision_follows_torch(device):
         torch.set_float32_matmul_precision(old_precision)
 
 
-def test_forward_mode_tangents_in_the_same_launch(device):
-    """Ẏ = act'(Z) ⊙ (Ẋ·Wᵀ + X·Ẇᵀ + ḃ) from one launch that also writes Y."""
+@pytest.mark.parametrize("K", [14, 150], ids=["one_k_block", "three_k_blocks"])
+def test_forward_mode_tangents_in_the_same_launch(device, K):
+    """Ẏ = act'(Z) ⊙ (Ẋ·Wᵀ + X·Ẇᵀ + ḃ) from one launch that also writes Y (K = 150: the tangent
+    pointers must advance with the primal ones through the K loop)."""
     _needs_kernels(device)
-    x, w, b = randn(9, 14, dtype=torch.float64, device=device), randn(6, 14, dtype=torch.float64,
-                                                                          device=device), randn(6, dtype=torch.float64, device=device)
+    x, w, b = (randn(*s, dtype=torch.float64, device=device) for s in ((9, K), (6, K), (6,)))
     xt, wt, bt = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
     for act in ACTS:
         with record_launches() as log:
@@ -180,25 +192,61 @@ def test_int64_offsets_are_chosen_for_huge_strides(device):
     assert not needs_int64(torch.empty((2**16, 2**15 - 1), device="meta"))
 
 
-def test_huge_stride_view_is_read_correctly(device):
-    """A (3, 16) view with row stride 2³⁰+8: row 2 starts past 2³¹, where int32 offsets wrap.
+def _huge_view(shape, strides, dtype, device):
+    """A view with the given (huge) strides over a buffer that is only reserved: just the elements of
+    the view are written, so only their pages become resident."""
+    span = 1 + sum((n - 1) * st for n, st in zip(shape, strides))
+    view = torch.empty(span, dtype=dtype, device=device).as_strided(shape, strides)
+    view.copy_(randn(*shape, dtype=dtype, device=device))
+    return view
 
-    (Checked by hand: forcing int32 here segfaults the interpreter.) The 6 GiB fp16 buffer is only
-    reserved; the three rows written are the only resident pages.
+
+def huge_stride_case(device, layout):
+    """Run in a subprocess by the test below (a wrapped int32 offset can crash the process).
+
+    rows:     x (3, 16) with row stride 2³⁰+8: row 2 starts past 2³¹.
+    k_cols:   x (4, 80), w (8, 80) with column stride 2²⁵+8. 80 > BLOCK_K, so the forward's K loop
+              steps the pointers by BLOCK_K·stride ≈ 2³¹: the K-direction strides must be widened too.
+    m_rows:   x (80, 64), dy (80, 8) with row stride 2²⁵+8: the dW product reduces over those rows,
+              so its K loop steps by BLOCK_K·(2²⁵+8) (BLOCK_K = 64 for in_features = 64).
+    n_cols:   w (80, 64) with row stride 2²⁵+8 and dy (4, 80) with column stride 2²⁵+8: the dX product
+              reduces over N, so its K loop steps by BLOCK_K·(2²⁵+8).
     """
-    _needs_kernels(device)
-    stride = 2**30 + 8
-    base = torch.empty(2 * stride + 16, dtype=torch.float16, device=device)
-    x = base.as_strided((3, 16), (stride, 1))
-    x.copy_(randn(3, 16, dtype=torch.float16, device=device))
-    w, dy = randn(8, 16, dtype=torch.float16, device=device), randn(3, 8, dtype=torch.float16, device=device)
+    f16, big = torch.float16, 2**25 + 8
+    M, K, N = {"rows": (3, 16, 8), "k_cols": (4, 80, 8), "m_rows": (80, 64, 8), "n_cols": (4, 64, 80)}[layout]
+    x = _huge_view((M, K), {"rows": (2**30 + 8, 1), "k_cols": (1, big), "m_rows": (big, 1)}.get(layout, (K, 1)),
+                   f16, device)
+    w = _huge_view((N, K), {"k_cols": (1, big), "n_cols": (big, 1)}.get(layout, (K, 1)), f16, device)
+    dy = _huge_view((M, N), {"m_rows": (big, 1), "n_cols": (1, big)}.get(layout, (N, 1)), f16, device)
     with record_launches() as log:
         y, _, _, _ = linear_forward(x, w)
         dx, dw, _ = linear_backward(dy, x, w, None, 0, True, True, False)
     assert all(l.flags["INT64"] for l in log)
-    ref64, ref = _references(x, w, torch.zeros(8, dtype=torch.float16, device=device), None, dy)
-    for got, r64, r in zip((y, dx, dw), ref64, ref):
-        assert_matches(got, r64, r)
+    if layout != "rows":  # each K-loop step moves BLOCK_K·(2²⁵+8) ≥ 2³¹ elements
+        assert all(l.flags["BLOCK_K"] * big >= 2**31 for l in log)
+    ref64, ref = _references(x, w, torch.zeros(N, dtype=f16, device=device), None, dy)
+    for name, got, r64, r in zip(("y", "dx", "dw"), (y, dx, dw), ref64, ref):
+        assert_matches(got, r64, r, f"{name} ({layout})")
+
+
+@pytest.mark.parametrize("layout", ["rows", "k_cols", "m_rows", "n_cols"])
+def test_huge_strides_are_read_correctly(device, layout):
+    """Views whose largest offset passes 2³¹, in every direction a K loop steps through."""
+    _needs_kernels(device)
+    run_isolated("test_kernels", "huge_stride_case", device, layout)
+
+
+def test_int64_path_on_small_tensors(device):
+    """The INT64 specialisation itself (forced on small operands), every kernel path, against references."""
+    _needs_kernels(device)
+    x, w, b, dy = (randn(*s, device=device) for s in ((70, 130), (72, 130), (72,), (70, 72)))
+    with force_int64(), record_launches() as log:
+        y, z, _, _ = linear_forward(x, w, b, ACTIVATION_IDS["gelu"], store_preact=True)
+        dx, dw, db = linear_backward(dy, x, w, z, ACTIVATION_IDS["gelu"], True, True, True)
+    assert [l.flags["INT64"] for l in log] == [True, True]
+    ref64, ref = _references(x, w, b, "gelu", dy)
+    for name, got, r64, r in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), ref64, ref):
+        assert_matches(got, r64, r, name)
 
 
 def test_weight_grad_accumulates_into_fp32_main_grad(device):
@@ -216,3 +264,101 @@ def test_weight_grad_accumulates_into_fp32_main_grad(device):
     ref64, ref = _references(x, w, torch.zeros(N, dtype=torch.bfloat16, device=device), "gelu", dy)
     assert_matches(main_grad - start, ref64[2], ref[2].float(), "main_grad increment")
     assert_matches(dx, ref64[1], ref[1], "dx")
+
+
+def test_every_kernel_path_over_several_k_blocks(device):
+    """Every loop of every kernel runs more than one K block: M, N > 64 and K > 128, the interpreter's
+    tiles being at most 64 deep. Forward (+Z), forward with all three tangents, backward dX (reduces over
+    N), dW (reduces over M) and db, and the accumulating dW."""
+    _needs_kernels(device)
+    M, K, N = 70, 130, 72
+    x, w, b, dy = (randn(*s, device=device) for s in ((M, K), (N, K), (N,), (M, N)))
+    xt, wt, bt = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    act = "gelu_tanh"
+    with record_launches() as log:
+        y, z, _, _ = linear_forward(x, w, b, ACTIVATION_IDS[act], store_preact=True)
+        y2, _, yt, _ = linear_forward(x, w, b, ACTIVATION_IDS[act], x_tangent=xt, weight_tangent=wt,
+                                      bias_tangent=bt)
+        dx, dw, db = linear_backward(dy, x, w, z, ACTIVATION_IDS[act], True, True, True)
+        start = randn(N, K, device=device)
+        main_grad = start.clone()
+        linear_backward(dy, x, w, z, ACTIVATION_IDS[act], False, True, False, weight_grad_out=main_grad)
+    for l in log:
+        assert l.flags["BLOCK_K"] < min(M, N, K) // 1, l  # at least two K blocks in every product
+    ref64, ref = _references(x, w, b, act, dy)
+    for name, got, r64, r in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), ref64, ref):
+        assert_matches(got, r64, r, name)
+    assert_matches(main_grad - start, ref64[2], ref[2], "accumulated dw")
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+    with torch.no_grad():
+        dual64 = torch.func.jvp(lambda *a: reference_linear(*a, act), tuple(t.double() for t in (x, w, b)),
+                                tuple(t.double() for t in (xt, wt, bt)))[1]
+        dual = torch.func.jvp(lambda *a: reference_linear(*a, act), (x, w, b), (xt, wt, bt))[1]
+    assert_matches(yt, dual64, dual, "tangent")
+
+
+@triton.jit
+def _round_kernel(x_ptr, y_ptr, n, EMULATE_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(y_ptr + offs, _cast(x, tl.bfloat16, EMULATE_BF16), mask=offs < n)
+
+
+def test_bf16_store_rounds_to_nearest_even_bit_for_bit(device):
+    """The kernels' fp32 → bf16 store against torch's own conversion (round to nearest, ties to even):
+    exact ties with an even and with an odd kept half, just below and above a tie, the largest finite
+    value (rounds to inf), subnormals, ±0, ±inf, NaNs (any payload stays NaN), and random values."""
+    _needs_kernels(device)
+    upper = torch.tensor([0x3F80, 0x3F81, 0x4049, 0x404A, 0xC2F7, 0xC2F8, 0x0001, 0x0002, 0x7F7E, 0x7F7F],
+                         dtype=torch.int64)
+    low = torch.tensor([0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF], dtype=torch.int64)
+    crafted = ((upper[:, None] << 16) | low[None, :]).flatten()
+    specials = torch.tensor([0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x7FFFFFFF,
+                             0xFFFFFFFF, 0x7F80FFFF, 0x7F7FFFFF, 0x00008000, 0x00018000], dtype=torch.int64)
+    random = torch.randint(0, 2**32, (4096,), dtype=torch.int64)
+    bits = torch.cat([crafted, specials, random])
+    x = (bits - (bits >= 2**31).long() * 2**32).to(torch.int32).view(torch.float32).to(device)
+    y = torch.empty(x.shape, dtype=torch.bfloat16, device=device)
+    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), EMULATE_BF16=INTERPRETER, BLOCK=1024)
+    expect = x.to(torch.bfloat16)
+    assert torch.equal(y.isnan(), expect.isnan()), "a NaN was not kept (or one was made)"
+    keep = ~expect.isnan()
+    got_bits, expect_bits = y[keep].view(torch.int16), expect[keep].view(torch.int16)
+    wrong = (got_bits != expect_bits).nonzero().flatten()
+    assert wrong.numel() == 0, [(hex(int(b) & 0xFFFFFFFF), hex(int(g) & 0xFFFF), hex(int(e) & 0xFFFF))
+                                for b, g, e in zip(bits[keep.cpu()][wrong.cpu()][:5], got_bits[wrong][:5],
+                                                   expect_bits[wrong][:5])]
+
+
+def _count_dots(monkeypatch):
+    """Count the tl.dot calls the interpreter executes (each is one BLOCK_M×BLOCK_K @ BLOCK_K×BLOCK_N)."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    calls = []
+    original = InterpreterBuilder.create_dot
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", counting)
+    return calls
+
+
+@pytest.mark.parametrize("need", [(False, False, True), (True, False, True), (False, True, False)],
+                         ids=["bias_only", "input_and_bias", "weight_only"])
+def test_frozen_weight_programs_run_no_dot(device, need, monkeypatch):
+    """The bias-only programs of a frozen weight sum dZ rows and run no product: the interpreter's dot
+    count is exactly that of the requested products' K loops (zero for the bias alone)."""
+    if not (device == "cpu" and INTERPRETER):
+        pytest.skip("counts the dot calls of Triton's interpreter (CPU); the launch flags are tested on CUDA")
+    M, K, N = 40, 24, 36
+    x, w, dy = randn(M, K, device=device), randn(N, K, device=device), randn(M, N, device=device)
+    calls = _count_dots(monkeypatch)
+    with record_launches() as log:
+        linear_backward(dy, x, w, None, ACTIVATION_IDS[None], *need)
+    f = log[0].flags
+    bm, bn, bk = f["BLOCK_M"], f["BLOCK_N"], f["BLOCK_K"]
+    dots_dx = -(-M // bm) * -(-K // bn) * -(-N // bk) if need[0] else 0  # tiles × K-loop steps (over N)
+    dots_dw = -(-N // bm) * -(-K // bn) * -(-M // bk) if need[1] else 0  # tiles × K-loop steps (over M)
+    assert len(calls) == dots_dx + dots_dw
