@@ -5,6 +5,10 @@ On a CUDA machine the interpreter stays off: "cuda" tests run the compiled kerne
 the eager path (``fusedad.backend`` tells which ran; tests that need the kernels say so).
 """
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import torch
@@ -54,8 +58,17 @@ def rel_err(out, ref):
     return checks.rel_err(out, ref)
 
 
-def assert_matches(out, ref64, eager, what=""):
-    """GUIDE §7: err(out) ≤ 2·err(eager) + floor(dtype), both measured against the fp64 reference."""
+def assert_matches(out, ref64, eager, what="", nan_as_reference=False):
+    """GUIDE §7: err(out) ≤ 2·err(eager) + floor(dtype), both measured against the fp64 reference.
+
+    nan_as_reference: the inputs held NaNs on purpose: ours and eager must have NaN exactly where the
+    fp64 reference has, and the rule applies to the other elements.
+    """
+    if nan_as_reference:
+        nan = ref64.isnan()
+        assert torch.equal(out.isnan(), nan), f"{what}: NaN positions differ from the fp64 reference"
+        assert torch.equal(eager.isnan(), nan), f"{what}: eager's NaN positions differ (bad reference)"
+        out, ref64, eager = out[~nan], ref64[~nan], eager[~nan]
     err, eager_err = rel_err(out, ref64), rel_err(eager, ref64)
     bound = 2 * eager_err + FLOOR[out.dtype]
     assert err <= bound, f"{what}: rel. error {err:.3e} > bound {bound:.3e} (eager {eager_err:.3e}, {out.dtype})"
@@ -66,11 +79,13 @@ def reference_linear(x, w, b, activation):
     return activations.apply(F.linear(x, w, b), activation)
 
 
-def check_against_references(x, w, b, activation, dy=None, fused=fusedad.linear, context=""):
+def check_against_references(x, w, b, activation, dy=None, fused=fusedad.linear, context="",
+                             nan_as_reference=False):
     """Forward (and, with dy, every gradient that is required) of ``fused`` vs fp64 and eager references.
 
     x, w, b: tensors in the test dtype (their requires_grad chooses the gradients checked).
     context: appended to failure messages (e.g. the fuzz case).
+    nan_as_reference: inputs hold NaNs on purpose (see ``assert_matches``).
     """
     leaves = [t for t in (x, w, b) if t is not None]
     y = fused(x, w, b, activation)
@@ -81,7 +96,7 @@ def check_against_references(x, w, b, activation, dy=None, fused=fusedad.linear,
     y64 = reference_linear(x64, w64, b64, activation)
     ye = reference_linear(xe, we, be, activation)
     assert y.dtype == x.dtype and y.shape == ye.shape
-    assert_matches(y, y64, ye, f"forward ({activation}) {context}")
+    assert_matches(y, y64, ye, f"forward ({activation}) {context}", nan_as_reference)
     wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
     if dy is None or not wanted:
         return y
@@ -90,7 +105,8 @@ def check_against_references(x, w, b, activation, dy=None, fused=fusedad.linear,
     grads_e = torch.autograd.grad(ye, [ase[i] for i in wanted], dy)
     for i, g, g64, ge in zip(wanted, grads, grads64, grads_e):
         assert g.dtype == leaves[i].dtype
-        assert_matches(g, g64, ge, f"grad of {['input', 'weight', 'bias'][i]} ({activation}) {context}")
+        assert_matches(g, g64, ge, f"grad of {['input', 'weight', 'bias'][i]} ({activation}) {context}",
+                       nan_as_reference)
     return y
 
 
@@ -98,3 +114,28 @@ def check_against_references(x, w, b, activation, dy=None, fused=fusedad.linear,
 def _fresh_seed(request):
     """Different, but reproducible, random data per test."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_isolated(module, function, *args, timeout=300):
+    """Run ``module.function(*args)`` (a test module in this folder) in a fresh Python process.
+
+    For cases that could crash the interpreter rather than fail (int64 index math over >2³¹-element
+    ranges: a wrapped offset reads or writes outside the buffer): a regression then fails this one
+    test, with the child's signal and output, instead of killing the whole pytest session.
+    """
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{TESTS_DIR!r}, {os.path.dirname(TESTS_DIR)!r}]
+        import conftest  # the same environment as the suite (interpreter when there is no GPU)
+        import {module}
+        {module}.{function}(*{args!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+               else f"exit code {proc.returncode}")
+        raise AssertionError(f"{module}.{function} failed in its subprocess ({how}):\n"
+                             f"{(proc.stdout + proc.stderr)[-4000:]}")

@@ -4,7 +4,9 @@ non-finite values; determinism; gradient accumulation; huge tensors; device cont
 ``FUSEDAD_HYPOTHESIS_EXAMPLES`` sets the number of fuzz examples (default 100, ~8 s for CI on two
 cores through the interpreter; raise it for a longer local run).
 """
+import contextlib
 import os
+import zlib
 
 import pytest
 import torch
@@ -13,7 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fusedad
-from conftest import ACTS, DEVICES, DTYPES, check_against_references, randn, reference_linear, rel_err, runs_kernels
+from conftest import (ACTS, DEVICES, DTYPES, assert_matches, check_against_references, randn, reference_linear,
+                      rel_err, runs_kernels)
+from fusedad.kernels import force_int64
 
 EXAMPLES = int(os.environ.get("FUSEDAD_HYPOTHESIS_EXAMPLES", "100"))
 SIZES = st.sampled_from([0, 1, 2, 3, 5, 7, 13, 16, 17, 31, 64, 67, 100])
@@ -40,24 +44,94 @@ def linear_cases(draw):
         layouts=draw(st.tuples(LAYOUTS, LAYOUTS, LAYOUTS, LAYOUTS)),
         grads=draw(st.tuples(st.booleans(), st.booleans(), st.booleans())),
         device=draw(st.sampled_from(DEVICES)),
+        # what is differentiated: reverse mode, forward mode (jvp), or reverse mode with dW accumulated
+        # into an fp32 main_grad
+        mode=draw(st.sampled_from(["reverse", "reverse", "forward", "main_grad"])),
+        int64=draw(st.sampled_from([False, False, False, True])),  # the 64-bit index path, forced
+        nan_in=draw(st.sampled_from([None, None, None, None, "x", "w", "dy"])),  # one NaN planted there
     )
+
+
+def _plant_nan(t, case):
+    """Write one NaN into ``t`` in place, at a position drawn from the case, whatever its layout (through a
+    stride-0 view it lands in every element that shares that memory)."""
+    if t.numel() == 0:
+        return t
+    index = torch.unravel_index(torch.tensor(zlib.crc32(str(case).encode()) % t.numel()), t.shape)
+    offset = t.storage_offset() + sum(int(i) * st for i, st in zip(index, t.stride()))
+    with torch.no_grad():
+        t.as_strided((1,), (1,), offset).fill_(float("nan"))
+    return t
+
+
+def _check_forward_mode(x, w, b, act, context):
+    """Primal and tangent of torch.func.jvp (one lockstep kernel) against fp64 and eager jvp."""
+    # torch.func.jvp copies each tangent into the primal's layout, which it refuses for stride-0 views.
+    primals = tuple(t.detach() if 0 not in t.stride() else t.detach().contiguous() for t in (x, w, b)
+                    if t is not None)
+    tangents = tuple(torch.randn_like(t) for t in primals)
+
+    def run(f, ps, ts):
+        n = len(ps)
+        return torch.func.jvp(lambda *a: f(*(list(a) + [None] * (3 - n)), act), ps, ts)
+
+    (y, yt), (y64, yt64), (ye, yte) = (run(fusedad.linear, primals, tangents),
+                                       run(reference_linear, tuple(t.double() for t in primals),
+                                           tuple(t.double() for t in tangents)),
+                                       run(reference_linear, primals, tangents))
+    assert_matches(y, y64, ye, f"jvp primal {context}")
+    assert_matches(yt, yt64, yte, f"jvp tangent {context}")
+
+
+def _check_main_grad(x, w, b, act, dy, context):
+    """dW added into an fp32 main_grad that starts non-zero; w.grad stays None; dX/db as usual."""
+    w = w.detach().requires_grad_()
+    start = torch.randn(w.shape, dtype=torch.float32, device=w.device)
+    main_grad = start.clone()
+    fusedad.linear(x, w, b, act, weight_main_grad=main_grad).backward(dy)
+    assert w.grad is None, context
+    w64 = w.detach().double().requires_grad_()
+    we = w.detach().clone().requires_grad_()
+    for weight in (w64, we):
+        like = x.double() if weight is w64 else x
+        reference_linear(like.detach(), weight, None if b is None else b.detach().to(weight.dtype), act).backward(
+            dy.to(weight.dtype))
+    assert_matches(main_grad, start.double() + w64.grad, start + we.grad.float(), f"main_grad {context}")
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=linear_cases())
 def test_fuzz_matches_float64_reference(case):
-    """Output and every requested gradient within GUIDE §7's rule, on any shape/layout/dtype/grad mix."""
+    """Output and every requested gradient (or tangent, or main_grad increment) within the tolerance rule
+    of conftest.assert_matches, on any shape/layout/dtype/grad mix, int32 or int64 offsets, with or
+    without a planted NaN."""
     lead, M, K, N, dtype, device = case["lead"], case["M"], case["K"], case["N"], case["dtype"], case["device"]
     lx, lw, lb, ldy = case["layouts"]
-    x2 = _make((M, K), dtype, device, lx)
-    x = x2 if not lead else _make((*lead, M, K), dtype, device, lx if lx != "transposed" else "contiguous")
+    if lead and lx == "transposed":  # (*lead, M, K) with M and K swapped in memory: not foldable to a view
+        x = randn(*lead, K, M, dtype=dtype, device=device).transpose(-1, -2)
+    else:
+        x = _make((*lead, M, K), dtype, device, lx)
     w = _make((N, K), dtype, device, lw, scale=K ** -0.5 if K else 1.0)
     b = _make((N,), dtype, device, lb) if case["bias"] else None
-    leaves = [t for t in (x, w, b) if t is not None]
-    for t, g in zip(leaves, case["grads"]):
-        t.requires_grad_(g)
     dy = _make((*lead, M, N), dtype, device, ldy)
-    check_against_references(x, w, b, case["act"], dy, context=str(case))
+    nan_in = case["nan_in"] if case["mode"] == "reverse" else None
+    if nan_in == "x":
+        x = _plant_nan(x, case)
+    elif nan_in == "w":
+        w = _plant_nan(w, case)
+    elif nan_in == "dy":
+        dy = _plant_nan(dy, case)
+    context = str(case)
+    with force_int64() if case["int64"] else contextlib.nullcontext():
+        if case["mode"] == "forward":
+            _check_forward_mode(x, w, b, case["act"], context)
+        elif case["mode"] == "main_grad":
+            _check_main_grad(x, w, b, case["act"], dy, context)
+        else:
+            leaves = [t for t in (x, w, b) if t is not None]
+            for t, g in zip(leaves, case["grads"]):
+                t.requires_grad_(g)
+            check_against_references(x, w, b, case["act"], dy, context=context, nan_as_reference=nan_in is not None)
 
 
 # ---- non-finite values ----------------------------------------------------------------------------
@@ -109,14 +183,31 @@ def test_non_finite_values_propagate_as_in_eager(device, act):
 
 # ---- determinism, accumulation, retain_graph ------------------------------------------------------
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_bitwise_deterministic(device):
-    x = randn(37, 29, dtype=torch.bfloat16, device=device, requires_grad=True)
-    w = randn(41, 29, dtype=torch.bfloat16, device=device, requires_grad=True)
-    b = randn(41, dtype=torch.bfloat16, device=device, requires_grad=True)
-    dy = randn(37, 41, dtype=torch.bfloat16, device=device)
+def test_kernels_use_no_atomics():
+    """Determinism by construction: every output element is written by exactly one program (db by the
+    first K column of dW tiles). An atomic add would make the summation order depend on scheduling."""
+    import pathlib
+
+    import fusedad.kernels
+
+    sources = pathlib.Path(fusedad.kernels.__file__).parent.glob("*.py")
+    offenders = [f"{p.name}:{i}" for p in sources for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if "atomic_" in line]
+    assert not offenders, offenders
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs CUDA: the interpreter runs programs one after another, so it cannot race")
+def test_bitwise_deterministic_on_gpu():
+    """Many tiles and several K columns of dW tiles (db's writer), with ragged edges: same bits each run."""
+    device = "cuda"
+    M, K, N = 1037, 771, 1541
+    x = randn(M, K, dtype=torch.bfloat16, device=device, requires_grad=True)
+    w = randn(N, K, dtype=torch.bfloat16, device=device, requires_grad=True, scale=K ** -0.5)
+    b = randn(N, dtype=torch.bfloat16, device=device, requires_grad=True)
+    dy = randn(M, N, dtype=torch.bfloat16, device=device)
     runs = []
-    for _ in range(3):
+    for _ in range(5):
         y = fusedad.linear(x, w, b, "gelu_tanh")
         runs.append((y.detach(), *torch.autograd.grad(y, (x, w, b), dy)))
     for other in runs[1:]:
