@@ -90,3 +90,36 @@ def test_heuristic_picks_are_the_tiles_compiled_in_ci():
         c = configs.candidates(M, 4096, 4096, torch.bfloat16)[0]
         assert tuple(HEURISTIC_TILES[bucket]) == (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.GROUP_M, c.num_warps,
                                                   c.num_stages), bucket
+
+
+def test_accumulating_launch_is_never_timed(monkeypatch):
+    """Timing an accumulating launch would add dW into main_grad once per timed run: it must take the
+    config tuned for the same launch without accumulation (or the heuristic), and time nothing."""
+    monkeypatch.delenv("FUSEDAD_AUTOTUNE", raising=False)
+    M, N, K, dtype = 512, 256, 384, torch.bfloat16
+    cands = configs.candidates(M, N, K, dtype)
+    flags = dict(ACT=2, COMPUTE_DX=False, COMPUTE_DW=True, COMPUTE_DB=False, ACCUMULATE_DW=True)
+
+    def no_timing(fn):
+        raise AssertionError("an accumulating launch was timed")
+
+    def launch(flags, bench):
+        return configs.launch_config("H100", "linear_bwd", flags, M, N, K, dtype, lambda c: c, bench)
+
+    assert launch(flags, no_timing) == cands[0]  # nothing tuned yet: the heuristic pick
+    bench, ran = _fake_bench(lambda c: 1.0 if c == cands[-1] else 2.0)
+    assert launch(dict(flags, ACCUMULATE_DW=False), bench) == cands[-1]  # the plain launch is tuned
+    assert ran == cands
+    assert launch(flags, no_timing) == cands[-1]  # ...and the accumulating one reuses its choice
+
+
+def test_traced_launch_is_never_timed(monkeypatch):
+    """Inside a torch.compile trace nothing may run: a cache hit or the heuristic."""
+    monkeypatch.delenv("FUSEDAD_AUTOTUNE", raising=False)
+
+    def no_timing(fn):
+        raise AssertionError("a traced launch was timed")
+
+    cfg = configs.launch_config("H100", "linear_fwd", {"ACT": 0}, 64, 64, 64, torch.float32, lambda c: c, no_timing,
+                                traced=True)
+    assert cfg == configs.candidates(64, 64, 64, torch.float32)[0]
