@@ -17,7 +17,9 @@ class Linear(torch.nn.Linear):
         activation: None, "relu", "gelu", "gelu_tanh" or "silu", applied in the GEMM epilogue.
         accumulate_main_grad: keep an fp32 ``weight.main_grad`` (allocated on first use) into which the
             backward kernel adds dW, as Megatron does for bf16 parameters; ``weight.grad`` then stays
-            None. Zero it yourself between optimizer steps (``layer.weight.main_grad.zero_()``).
+            None. Zero it yourself between optimizer steps (``layer.weight.main_grad.zero_()``). Refused
+            inside ``DistributedDataParallel`` (which reduces ``.grad`` only); across processes, all-reduce
+            ``main_grad`` yourself.
 
     Shape:
         input (*, in_features) -> output (*, out_features)
@@ -33,6 +35,7 @@ class Linear(torch.nn.Linear):
     def forward(self, input):
         main_grad = None
         if self.accumulate_main_grad and self.weight.requires_grad:
+            _refuse_main_grad_under_ddp()
             main_grad = getattr(self.weight, "main_grad", None)
             if main_grad is None:
                 main_grad = self.weight.main_grad = torch.zeros_like(self.weight, dtype=torch.float32)
@@ -41,3 +44,18 @@ class Linear(torch.nn.Linear):
     def extra_repr(self):
         text = super().extra_repr()
         return text if self.activation is None else f"{text}, activation={self.activation!r}"
+
+
+def _refuse_main_grad_under_ddp():
+    """DistributedDataParallel all-reduces ``.grad``; main_grad accumulation leaves ``weight.grad`` None,
+    so DDP would never see the weight gradient and each rank's ``main_grad`` would hold its own
+    unsynchronised sum (measured with gloo on 2 processes: weight.grad all zeros, main_grad off the
+    global sum by up to 0.54). Refuse instead of training on silently wrong gradients."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if DistributedDataParallel._get_active_ddp_module() is not None:
+        raise RuntimeError(
+            "fusedad.nn.Linear(accumulate_main_grad=True) inside DistributedDataParallel: DDP all-reduces "
+            "weight.grad, which main_grad accumulation leaves None, so weight.main_grad would hold this rank's "
+            "unsynchronised sum. Use accumulate_main_grad=False under DDP, or all-reduce weight.main_grad "
+            "yourself outside DDP.")

@@ -1,5 +1,6 @@
 """fusedad inside PyTorch's toolbox: torch.compile + custom ops (opcheck), autocast, forward-mode AD
 (lockstep kernel), torch.func transforms, double backward, and DDP."""
+import copy
 import os
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedad
-from conftest import ACTS, DEVICES, randn, reference_linear, runs_kernels
+from conftest import ACTS, DEVICES, randn, reference_linear, rel_err, runs_kernels
 from fusedad.kernels import record_launches
 
 pytestmark = pytest.mark.parametrize("device", DEVICES)
@@ -57,12 +58,24 @@ def test_compile_under_autocast_and_batch_dims(device):
     compiled = torch.compile(model, fullgraph=True)
     x = randn(2, 3, 8, device=device)
     dtype = torch.bfloat16
+    eager = copy.deepcopy(model)  # the same layers run by eager PyTorch ops (F.linear + activation)
+
+    def run_eager(h):
+        for layer in eager:
+            h = reference_linear(h, layer.weight, layer.bias, layer.activation)
+        return h
+
     with torch.autocast(device, dtype=dtype):
-        y_c, y = compiled(x), model(x)
-    assert y_c.dtype == y.dtype == dtype and y_c.shape == (2, 3, 3)
+        y_c, y, y_e = compiled(x), model(x), run_eager(x)
+    assert y_c.dtype == y.dtype == y_e.dtype == dtype and y_c.shape == (2, 3, 3)
     torch.testing.assert_close(y_c, y, rtol=2e-2, atol=2e-2)
-    y_c.float().sum().backward()
-    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+    torch.testing.assert_close(y_c, y_e, rtol=2e-2, atol=2e-2)
+    y_c.float().square().sum().backward()
+    y_e.float().square().sum().backward()
+    for (name, p), p_e in zip(model.named_parameters(), eager.parameters()):
+        assert p.grad.dtype == p_e.grad.dtype == torch.float32
+        # bf16 products: compare as a whole (‖Δ‖/‖ref‖), a few bf16 roundings deep
+        assert rel_err(p.grad, p_e.grad.double()) < 3e-2, name
 
 
 def test_compiled_graph_calls_our_ops(device):
@@ -208,6 +221,22 @@ def test_gradgradcheck(device, act):
     assert torch.autograd.gradgradcheck(lambda x, w, b: fusedad.linear(x, w, b, act), (x, w, b))
 
 
+@pytest.mark.parametrize("act", ["gelu", "silu", "relu"])
+def test_double_backward_with_gradients_into_y_and_z(device, act):
+    """loss = ‖y‖² + ‖∂(Σy)/∂x‖²: the second backward sends gradients into y (from ‖y‖²) and into the
+    saved pre-activation z (through the first backward's act'(z)) of the same node, in one pass."""
+    x, w, b = _f64((4, 5), (3, 5), (3,), device=device)
+    if act == "relu":
+        _off_relu_kink(x, w, b)
+    results = []
+    for f in (fusedad.linear, reference_linear):
+        y = f(x, w, b, act)
+        (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(y.square().sum() + gx.square().sum(), (x, w, b)))
+    for ours, ref, name in zip(*results, ("x", "w", "b")):
+        torch.testing.assert_close(ours, ref, msg=lambda m: f"grad of {name}: {m}")
+
+
 def test_create_graph_gradient_penalty(device):
     """A WGAN-GP-style penalty ‖∂L/∂x‖² differentiated again matches eager."""
     x, w, b = _f64((4, 5), (3, 5), (3,), device=device)
@@ -239,24 +268,61 @@ def _ddp_worker(rank, world, store, x, y, state, out_dir):
     os._exit(0)
 
 
-def test_ddp_gloo_two_processes_match_single_process(device, tmp_path):
-    if device != "cpu":
-        pytest.skip("the DDP test uses gloo on CPU processes; NCCL needs 2 GPUs")
+def _spawn_two_ranks(worker, args):
+    """Run worker(rank, *args) on 2 spawned processes; fail the test if they take over 120 s."""
     import time
 
     import torch.multiprocessing as mp
 
-    model = nn.Sequential(fusedad.nn.Linear(6, 8, activation="gelu"), fusedad.nn.Linear(8, 2))
-    x, y = randn(8, 6), randn(8, 2)
-    F.mse_loss(model(x), y).backward()  # the full batch in one process
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ctx = mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), x, y, state, str(tmp_path)), nprocs=2, join=False)
+    ctx = mp.spawn(worker, args=args, nprocs=2, join=False)
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
             pytest.fail("DDP workers did not finish within 120 s")
+
+
+def test_ddp_gloo_two_processes_match_single_process(device, tmp_path):
+    if device != "cpu":
+        pytest.skip("the DDP test uses gloo on CPU processes; NCCL needs 2 GPUs")
+    model = nn.Sequential(fusedad.nn.Linear(6, 8, activation="gelu"), fusedad.nn.Linear(8, 2))
+    x, y = randn(8, 6), randn(8, 2)
+    F.mse_loss(model(x), y).backward()  # the full batch in one process
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _spawn_two_ranks(_ddp_worker, (2, str(tmp_path / "store"), x, y, state, str(tmp_path)))
     grads = torch.load(tmp_path / "grads.pt")
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def _ddp_main_grad_worker(rank, world, store, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    layer = fusedad.nn.Linear(6, 2, accumulate_main_grad=True)
+    try:
+        DDP(layer)(randn(4, 6)).sum().backward()
+        outcome = "no error"
+    except RuntimeError as e:
+        outcome = str(e)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+    dist.destroy_process_group()
+    os._exit(0)  # see _ddp_worker
+
+
+def test_ddp_refuses_main_grad_accumulation(device, tmp_path):
+    """DDP all-reduces .grad only: main_grad accumulation under it would train on each rank's own sum.
+    It is refused with an error that says why and what to do, on every rank."""
+    if device != "cpu":
+        pytest.skip("the DDP test uses gloo on CPU processes; NCCL needs 2 GPUs")
+    _spawn_two_ranks(_ddp_main_grad_worker, (2, str(tmp_path / "store"), str(tmp_path)))
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "accumulate_main_grad=True) inside DistributedDataParallel" in message, message
+        assert "all-reduce weight.main_grad yourself" in message
+    layer = fusedad.nn.Linear(6, 2, accumulate_main_grad=True, device=device)  # outside DDP: allowed
+    layer(randn(3, 6, device=device)).sum().backward()
+    assert layer.weight.main_grad.abs().sum() > 0
