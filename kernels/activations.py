@@ -1,35 +1,21 @@
-"""Activations and their derivatives as small ``@triton.jit`` functions.
+"""Activations as small ``@triton.jit`` functions: ``apply_activation`` (act) and ``chain_activation``
+(g ⊙ act'), one branch per row of the activation table in ``fusedad/activations.py`` — which holds the
+formulas, the kernel ids and the eager mirrors the two are tested against.
 
-Each activation has an integer id (a ``tl.constexpr`` in the kernels) so one GEMM body can be
-specialised per activation at compile time. The eager PyTorch mirrors of these formulas live in
-``fusedad/activations.py``; the two are tested against each other.
+Every id is a named ``tl.constexpr`` global taken from the table; an id with no branch here fails to
+compile (``tl.static_assert``), so an unknown id can never silently become another activation.
 
 All functions take and return the accumulator dtype (float32, or float64 for float64 inputs), so the
 epilogue and prologue math never rounds to 16 bits in between.
-
-    relu(z)      = max(z, 0)                        relu'(z)      = [z > 0]   (PyTorch: 0 at z == 0)
-    gelu(z)      = z·Φ(z) = z/2·(1 + erf(z/√2))      gelu'(z)      = Φ(z) + z·φ(z)
-    gelu_tanh(z) = z/2·(1 + tanh(u)),  u = √(2/π)(z + 0.044715 z³)
-                   gelu_tanh'(z) = ½(1 + t) + ½ z (1 − t²) √(2/π)(1 + 3·0.044715 z²),  t = tanh(u)
-    silu(z)      = z·σ(z)                           silu'(z)      = σ(z)(1 + z(1 − σ(z)))
 """
 import triton
 import triton.language as tl
 
-ACT_NONE = 0
-ACT_RELU = 1
-ACT_GELU = 2
-ACT_GELU_TANH = 3
-ACT_SILU = 4
+from ..activations import TABLE
 
-#: Public activation names (as accepted by ``fusedad.functional.linear``) -> kernel ids.
-ACTIVATION_IDS = {
-    None: ACT_NONE,
-    "relu": ACT_RELU,
-    "gelu": ACT_GELU,
-    "gelu_tanh": ACT_GELU_TANH,
-    "silu": ACT_SILU,
-}
+# ACT_NONE, ACT_RELU, ACT_GELU, ACT_GELU_TANH, ACT_SILU, ACT_RELU2, …: one named constexpr per table row
+# (``ACT_`` + the upper-cased op name), so a new row needs no edit here besides its two branches.
+globals().update({f"ACT_{a.op_name.upper()}": tl.constexpr(a.kernel_id) for a in TABLE})
 
 # Literals in the jit functions below (module floats would need tl.constexpr globals):
 # 0.7071067811865476 = 1/√2, 0.3989422804014327 = 1/√(2π), 0.7978845608028654 = √(2/π), 0.044715 = GELU's c.
@@ -44,49 +30,50 @@ def _tanh(u):
 
 @triton.jit
 def apply_activation(z, ACT: tl.constexpr):
-    """act(z), elementwise; ``ACT`` is one of the ``ACT_*`` ids."""
-    if ACT == 1:
+    """act(z), elementwise."""
+    if ACT == ACT_NONE:
+        return z
+    elif ACT == ACT_RELU:
         # z < 0 (not z > 0) so that relu(NaN) = NaN, as torch.relu.
         return tl.where(z < 0, 0.0, z)
-    elif ACT == 2:
+    elif ACT == ACT_RELU2:
+        r = tl.where(z < 0, 0.0, z)
+        return r * r
+    elif ACT == ACT_GELU:
         return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACT == 3:
+    elif ACT == ACT_GELU_TANH:
         u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
         return 0.5 * z * (1.0 + _tanh(u))
-    elif ACT == 4:
+    elif ACT == ACT_SILU:
         return z * tl.sigmoid(z)
     else:
-        return z
-
-
-@triton.jit
-def activation_grad(saved, ACT: tl.constexpr):
-    """act'(z), elementwise, for the smooth activations (gelu, gelu_tanh, silu) from the saved z."""
-    if ACT == 2:
-        cdf = 0.5 * (1.0 + tl.math.erf(saved * 0.7071067811865476))
-        pdf = 0.3989422804014327 * tl.exp(-0.5 * saved * saved)
-        return cdf + saved * pdf
-    elif ACT == 3:
-        z2 = saved * saved
-        t = _tanh(0.7978845608028654 * saved * (1.0 + 0.044715 * z2))
-        return 0.5 * (1.0 + t) + 0.5 * saved * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z2)
-    else:
-        s = tl.sigmoid(saved)
-        return s * (1.0 + saved * (1.0 - s))
+        tl.static_assert(False, "unknown activation id")
 
 
 @triton.jit
 def chain_activation(g, saved, ACT: tl.constexpr):
     """g ⊙ act'(z): the chain rule through the activation, for a cotangent dY or a tangent Ż.
 
-    ``saved`` is what the forward kept for this activation: relu keeps its output y (relu'(z) = [z > 0]
-    = [y > 0], so no pre-activation is stored); gelu, gelu_tanh and silu keep the pre-activation z.
-    relu is a select, not a product, exactly as PyTorch's threshold_backward (g where y > 0, else 0):
-    an infinite g at y ≤ 0 gives 0, not inf·0 = NaN, and a NaN y passes g through.
+    ``saved`` is what the forward kept for this activation (the table's ``saves``): y for relu, z for
+    the others. relu and relu2 select exactly as PyTorch's threshold_backward (g where the input was
+    > 0, else 0): an infinite g there gives 0, not inf·0 = NaN, and a NaN passes g through.
     """
-    if ACT == 0:
+    if ACT == ACT_NONE:
         return g
-    elif ACT == 1:
+    elif ACT == ACT_RELU:
         return tl.where(saved <= 0, 0.0, g)
+    elif ACT == ACT_RELU2:
+        return tl.where(saved <= 0, 0.0, g * (2.0 * saved))
+    elif ACT == ACT_GELU:
+        cdf = 0.5 * (1.0 + tl.math.erf(saved * 0.7071067811865476))
+        pdf = 0.3989422804014327 * tl.exp(-0.5 * saved * saved)
+        return g * (cdf + saved * pdf)
+    elif ACT == ACT_GELU_TANH:
+        z2 = saved * saved
+        t = _tanh(0.7978845608028654 * saved * (1.0 + 0.044715 * z2))
+        return g * (0.5 * (1.0 + t) + 0.5 * saved * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z2))
+    elif ACT == ACT_SILU:
+        s = tl.sigmoid(saved)
+        return g * (s * (1.0 + saved * (1.0 - s)))
     else:
-        return g * activation_grad(saved, ACT)
+        tl.static_assert(False, "unknown activation id")

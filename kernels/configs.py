@@ -1,8 +1,9 @@
 """Tile configurations: one fixed small config under the interpreter, a shape heuristic on CUDA, and a
 bounded per-bucket autotuner whose results are cached per device and shape.
 
-Autotuning rules (GUIDE §4, issue 4):
-* never under the interpreter (one small config; interpreted cost grows with the program count);
+Autotuning rules:
+* never under the interpreter (one small config: interpreted cost grows with the program count and the
+  tile size, ~0.4 ms per launch on this project's 2-core CPU machines);
 * ``FUSEDAD_AUTOTUNE=0`` turns it off: the heuristic config is used as is;
 * at most ``len(candidates(...))`` (≤ 6) configs are timed per (device, kernel, flags, M bucket, N, K,
   dtype), each for a few milliseconds, once per process; compiled kernels are reused across shapes, so
@@ -14,7 +15,7 @@ import os
 import torch
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TileConfig:
     BLOCK_M: int
     BLOCK_N: int
@@ -36,7 +37,7 @@ def _pow2_clamp(n, lo, hi):
 
 def interpreter_config(M, N, K):
     """Small power-of-two tiles (16 … 64) that cover tiny shapes in one or few programs."""
-    return TileConfig(_pow2_clamp(M, 16, 64), _pow2_clamp(N, 16, 64), _pow2_clamp(K, 16, 64),
+    return TileConfig(BLOCK_M=_pow2_clamp(M, 16, 64), BLOCK_N=_pow2_clamp(N, 16, 64), BLOCK_K=_pow2_clamp(K, 16, 64),
                       GROUP_M=8, num_warps=4, num_stages=1)
 
 
@@ -61,16 +62,35 @@ def candidates(M, N, K, dtype):
     Dropped for spilling: 256×128 and 128×256 tiles with 8 warps, 32×64×128 and 16×·×256 backward.
     """
     if dtype == torch.float64:
-        return [TileConfig(64, 64, 16, 8, 4, 2), TileConfig(32, 64, 32, 8, 4, 2), TileConfig(64, 32, 32, 8, 4, 2)]
+        return [TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2),
+                TileConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+                TileConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)]
     if M <= 16:
         # Decode: the weight read dominates; narrow-M tiles, deep K, many N tiles to fill the SMs.
-        cfgs = [TileConfig(16, 64, 128, 1, 8, 4), TileConfig(16, 128, 128, 1, 8, 4)]
+        cfgs = [TileConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=4),
+                TileConfig(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=4)]
     elif M <= 128:
-        cfgs = [TileConfig(64, 64, 64, 8, 4, 4), TileConfig(64, 128, 64, 8, 4, 4), TileConfig(128, 64, 64, 8, 8, 4)]
+        cfgs = [TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+                TileConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+                TileConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4)]
     else:
-        cfgs = [TileConfig(128, 128, 64, 8, 8, 3), TileConfig(64, 256, 64, 8, 8, 3),
-                TileConfig(128, 64, 64, 8, 8, 4), TileConfig(64, 128, 64, 8, 4, 4)]
+        cfgs = [TileConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+                TileConfig(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+                TileConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4),
+                TileConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)]
     return _scale_k(cfgs, dtype)
+
+
+def tangent_candidates(M, N, K, dtype):
+    """``candidates`` for the forward-mode kernel: it holds two accumulators (primal and tangent), so a
+    tile keeps at most 32 fp32 accumulator values per thread each (BLOCK_M·BLOCK_N ≤ 1024·num_warps).
+
+    Measured (sm_90 lowering, Triton 3.9 + ptxas/cuobjdump, bf16, gelu_tanh; ``python
+    tests/sm90_compile.py --sweep-candidates``): 128×128 with 8 warps spills 224 B per thread, 64×128
+    and 128×64 with 4 warps spill 24 / 192 B, and 64×256 needs 244 KiB of shared memory (four operand
+    tiles per stage); the tiles kept here use 178–180 registers and no stack.
+    """
+    return [c for c in candidates(M, N, K, dtype) if c.BLOCK_M * c.BLOCK_N <= 1024 * c.num_warps]
 
 
 def autotune_enabled():
@@ -80,8 +100,8 @@ def autotune_enabled():
 _CACHE = {}
 
 
-def tuned_config(key, M, N, K, dtype, run, bench, tune=True):
-    """Best of ``candidates(M, N, K, dtype)`` for ``key``, timed once and cached.
+def tuned_config(key, M, N, K, dtype, run, bench, tune=True, space=None):
+    """Best of ``space(M, N, K, dtype)`` (default ``candidates``) for ``key``, timed once and cached.
 
     key:   hashable (device, kernel, constexpr flags, m_bucket(M), N, K, dtype)
     run:   run(cfg) launches the kernel with that config (must be idempotent: it is called repeatedly)
@@ -91,7 +111,7 @@ def tuned_config(key, M, N, K, dtype, run, bench, tune=True):
     """
     if key in _CACHE:
         return _CACHE[key]
-    cands = candidates(M, N, K, dtype)
+    cands = (space or candidates)(M, N, K, dtype)
     if not (tune and autotune_enabled()):
         return cands[0]
     best, best_ms = cands[0], float("inf")
@@ -106,7 +126,7 @@ def tuned_config(key, M, N, K, dtype, run, bench, tune=True):
     return best
 
 
-def launch_config(device_name, kernel_name, flags, M, N, K, dtype, run, bench, traced=False):
+def launch_config(device_name, kernel_name, flags, M, N, K, dtype, run, bench, traced=False, space=None):
     """The config for one CUDA launch: ``tuned_config`` under the launch rules.
 
     * the key holds the device model, kernel, constexpr flags, M bucket, N, K and dtype;
@@ -117,7 +137,7 @@ def launch_config(device_name, kernel_name, flags, M, N, K, dtype, run, bench, t
     accumulating = bool(flags.get("ACCUMULATE_DW", False))
     key_flags = dict(flags, ACCUMULATE_DW=False) if accumulating else flags
     key = (device_name, kernel_name, tuple(sorted(key_flags.items())), m_bucket(M), N, K, dtype)
-    return tuned_config(key, M, N, K, dtype, run, bench, tune=not traced and not accumulating)
+    return tuned_config(key, M, N, K, dtype, run, bench, tune=not traced and not accumulating, space=space)
 
 
 def clear_cache():

@@ -1,12 +1,13 @@
-"""The one GEMM tile body, and the two kernels built on it.
+"""The one GEMM tile body, and the kernels built on it.
 
 Everything is a tile of ``C[M, N] = Σ_k A[m, k]·B[k, n]`` over arbitrary strides (so transposed, sliced
-or expanded operands need no copy), specialised by ``tl.constexpr`` flags:
+or expanded operands need no copy), specialised by ``tl.constexpr`` flags (passed by name):
 
-* forward  ``_linear_fwd_kernel``: A = X (M×K), B = Wᵀ (the nn.Linear weight (N, K) read with swapped
+* forward ``_linear_fwd_kernel``: A = X (M×K), B = Wᵀ (the nn.Linear weight (N, K) read with swapped
   strides). Epilogue on the fp32/fp64 accumulator: ``Z = acc + b``, optionally store Z (only when a
-  backward will need it), ``Y = act(Z)``. With tangents it is the seed's forward mode in lockstep: the
-  same X and W tiles also feed ``Ż = Ẋ·Wᵀ + X·Ẇᵀ + ḃ`` and ``Ẏ = act'(Z) ⊙ Ż`` is written beside Y.
+  backward will need it), ``Y = act(Z)``.
+* forward mode ``_linear_fwd_tangent_kernel``: the same tiles, and in lockstep (the same X and W tiles
+  feed both products) ``Ż = Ẋ·Wᵀ + X·Ẇᵀ + ḃ`` and ``Ẏ = act'(Z) ⊙ Ż`` written beside Y.
 * backward ``_linear_bwd_kernel``: one grid covering the tiles of both products,
       dX = dZ·W      (M×K, reduce over N)        dW = dZᵀ·X      (N×K, reduce over M)
   with ``dZ = dY ⊙ act'(Z)`` formed in the A-operand prologue (no separate elementwise pass) and
@@ -14,11 +15,12 @@ or expanded operands need no copy), specialised by ``tl.constexpr`` flags:
 
 Offsets are int32 unless the launcher sets ``INT64``: it does so whenever any operand's largest element
 offset reaches 2³¹ (a >2³¹-element tensor, or a view with a huge stride), where int32 would wrap.
+Which kernel runs for a call is chosen in ``variants.py``.
 """
 import triton
 import triton.language as tl
 
-from .activations import apply_activation, chain_activation
+from .activations import ACT_NONE, apply_activation, chain_activation
 
 
 @triton.jit
@@ -79,7 +81,7 @@ def _gemm_tile(
     stride_am, stride_ak, stride_bk, stride_bn, stride_sm, stride_sk,
     stride_atm, stride_atk, stride_btk, stride_btn,
     # constexprs
-    PROLOGUE_ACT: tl.constexpr,  # A ← A ⊙ act'(S): dZ from dY on the fly (0: A used as loaded)
+    PROLOGUE_ACT: tl.constexpr,  # A ← A ⊙ act'(S): dZ from dY on the fly (ACT_NONE: A used as loaded)
     ROWSUM_A: tl.constexpr,  # also return Σ_k A[m, k] in the accumulator dtype (the bias gradient)
     WITH_DOT: tl.constexpr,  # False: only the row sum (bias gradient of a frozen weight)
     HAS_AT: tl.constexpr, HAS_BT: tl.constexpr,  # forward mode: acc_t = Ȧ·B + A·Ḃ, sharing A and B
@@ -105,7 +107,7 @@ def _gemm_tile(
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     if WITH_DOT:
         b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    if PROLOGUE_ACT != 0:
+    if PROLOGUE_ACT != ACT_NONE:
         s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_k[None, :] * stride_sk
     if HAS_AT:
         at_ptrs = at_ptr + offs_m[:, None] * stride_atm + offs_k[None, :] * stride_atk
@@ -124,7 +126,7 @@ def _gemm_tile(
         k_left = K - k0 * BLOCK_K
         mask_a = mask_m[:, None] & (offs_k[None, :] < k_left)
         a = tl.load(a_ptrs, mask=mask_a, other=0.0)
-        if PROLOGUE_ACT != 0:
+        if PROLOGUE_ACT != ACT_NONE:
             s = tl.load(s_ptrs, mask=mask_a, other=0.0)
             dz = chain_activation(a.to(acc.dtype), s.to(acc.dtype), PROLOGUE_ACT)
             if ROWSUM_A:
@@ -138,7 +140,7 @@ def _gemm_tile(
             mask_b = (offs_k[:, None] < k_left) & mask_n[None, :]
             b = tl.load(b_ptrs, mask=mask_b, other=0.0)
             if EMULATE_BF16:
-                # Interpreter: its bf16 tl.dot is wrong (triton #11584, rel. error ~1e10 on 3.9);
+                # Interpreter: its bf16 tl.dot is wrong (measured on Triton 3.9: rel. error ~1e10);
                 # bf16→fp32 conversion is exact, so the fp32 product equals the bf16 tensor-core one.
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -161,57 +163,93 @@ def _gemm_tile(
 
 
 @triton.jit
+def _store_tile(ptr, offs_m, offs_n, stride_m, stride_n, value, mask, EMULATE_BF16: tl.constexpr):
+    tl.store(ptr + offs_m[:, None] * stride_m + offs_n[None, :] * stride_n,
+             _cast(value, ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
+
+
+@triton.jit
+def _primal_epilogue(acc, b_ptr, y_ptr, z_ptr, pid_m, pid_n, M, N,
+                     stride_b, stride_ym, stride_yn, stride_zm, stride_zn,
+                     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
+                     EMULATE_BF16: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Z = acc + b (stored if STORE_Z), Y = act(Z) stored; returns (Z, Y, offs_m, offs_n, mask)."""
+    offs_m, offs_n = _tile_offsets(pid_m, pid_n, BLOCK_M, BLOCK_N, INT64)
+    mask_n = offs_n < N
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    z = acc
+    if HAS_BIAS:
+        z += tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
+    if STORE_Z:
+        _store_tile(z_ptr, offs_m, offs_n, stride_zm, stride_zn, z, mask, EMULATE_BF16)
+    y = apply_activation(z, ACT)
+    _store_tile(y_ptr, offs_m, offs_n, stride_ym, stride_yn, y, mask, EMULATE_BF16)
+    return z, y, offs_m, offs_n, mask
+
+
+@triton.jit
 def _linear_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_yn, stride_zm, stride_zn,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
+    FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y = act(X·Wᵀ + b)  [Z stored if STORE_Z].   x: (M, K)  w: (N, K)  b: (N,)  y, z: (M, N)"""
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc, _unused_t, _unused_rowsum = _gemm_tile(
+        x_ptr, w_ptr, x_ptr, x_ptr, w_ptr,
+        pid_m, pid_n, M, N, K,
+        stride_xm, stride_xk, stride_wk, stride_wn, 0, 0, 0, 0, 0, 0,
+        PROLOGUE_ACT=ACT_NONE, ROWSUM_A=False, WITH_DOT=True, HAS_AT=False, HAS_BT=False,
+        FP64=FP64, EMULATE_BF16=EMULATE_BF16, PRECISION=PRECISION, INT64=INT64,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    )
+    _primal_epilogue(acc, b_ptr, y_ptr, z_ptr, pid_m, pid_n, M, N, stride_b, stride_ym, stride_yn, stride_zm,
+                     stride_zn, ACT=ACT, HAS_BIAS=HAS_BIAS, STORE_Z=STORE_Z, EMULATE_BF16=EMULATE_BF16,
+                     INT64=INT64, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+
+
+@triton.jit
+def _linear_fwd_tangent_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, xt_ptr, wt_ptr, bt_ptr, yt_ptr, zt_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_yn, stride_zm, stride_zn,
     stride_xtm, stride_xtk, stride_wtn, stride_wtk, stride_bt, stride_ytm, stride_ytn, stride_ztm, stride_ztn,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
     HAS_XT: tl.constexpr, HAS_WT: tl.constexpr, HAS_BT: tl.constexpr, STORE_ZT: tl.constexpr,
+    DACT_FROM_Y: tl.constexpr,  # act' reads the output y (relu), else the pre-activation z
     FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Y = act(X·Wᵀ + b)  [Z stored if STORE_Z];  with tangents  Ẏ = act'(Z) ⊙ (Ẋ·Wᵀ + X·Ẇᵀ + ḃ).
+    """The forward, plus forward-mode tangents in the same pass: Ẏ = act'(Z) ⊙ (Ẋ·Wᵀ + X·Ẇᵀ + ḃ).
 
-    x: (M, K)  w: (N, K)  b: (N,)  y, z, ẏ, ż: (M, N)
+    x, ẋ: (M, K)  w, ẇ: (N, K)  b, ḃ: (N,)  y, z, ẏ, ż: (M, N)
     """
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc, acc_t, _unused_rowsum = _gemm_tile(
         x_ptr, w_ptr, x_ptr, xt_ptr, wt_ptr,
         pid_m, pid_n, M, N, K,
-        stride_xm, stride_xk, stride_wk, stride_wn, 0, 0,
-        stride_xtm, stride_xtk, stride_wtk, stride_wtn,
-        0, False, True, HAS_XT, HAS_WT,
-        FP64, EMULATE_BF16, PRECISION, INT64, BLOCK_M, BLOCK_N, BLOCK_K,
+        stride_xm, stride_xk, stride_wk, stride_wn, 0, 0, stride_xtm, stride_xtk, stride_wtk, stride_wtn,
+        PROLOGUE_ACT=ACT_NONE, ROWSUM_A=False, WITH_DOT=True, HAS_AT=HAS_XT, HAS_BT=HAS_WT,
+        FP64=FP64, EMULATE_BF16=EMULATE_BF16, PRECISION=PRECISION, INT64=INT64,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )
-    offs_m, offs_n = _tile_offsets(pid_m, pid_n, BLOCK_M, BLOCK_N, INT64)
-    mask_n = offs_n < N
-    mask = (offs_m < M)[:, None] & mask_n[None, :]
-
-    z = acc
-    if HAS_BIAS:
-        z += tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
-    if STORE_Z:
-        tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn,
-                 _cast(z, z_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
-    y = apply_activation(z, ACT)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             _cast(y, y_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
-
-    if HAS_XT or HAS_WT or HAS_BT:
-        zt = acc_t
-        if HAS_BT:
-            zt += tl.load(bt_ptr + offs_n * stride_bt, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
-        if STORE_ZT:
-            tl.store(zt_ptr + offs_m[:, None] * stride_ztm + offs_n[None, :] * stride_ztn,
-                     _cast(zt, zt_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
-        # relu's derivative is read from y (see chain_activation), the smooth ones' from z.
-        if ACT == 1:
-            yt = chain_activation(zt, y, ACT)
-        else:
-            yt = chain_activation(zt, z, ACT)
-        tl.store(yt_ptr + offs_m[:, None] * stride_ytm + offs_n[None, :] * stride_ytn,
-                 _cast(yt, yt_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
+    z, y, offs_m, offs_n, mask = _primal_epilogue(
+        acc, b_ptr, y_ptr, z_ptr, pid_m, pid_n, M, N, stride_b, stride_ym, stride_yn, stride_zm, stride_zn,
+        ACT=ACT, HAS_BIAS=HAS_BIAS, STORE_Z=STORE_Z, EMULATE_BF16=EMULATE_BF16, INT64=INT64,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    zt = acc_t
+    if HAS_BT:
+        zt += tl.load(bt_ptr + offs_n * stride_bt, mask=offs_n < N, other=0.0).to(acc.dtype)[None, :]
+    if STORE_ZT:
+        _store_tile(zt_ptr, offs_m, offs_n, stride_ztm, stride_ztn, zt, mask, EMULATE_BF16)
+    if DACT_FROM_Y:
+        yt = chain_activation(zt, y, ACT)
+    else:
+        yt = chain_activation(zt, z, ACT)
+    _store_tile(yt_ptr, offs_m, offs_n, stride_ytm, stride_ytn, yt, mask, EMULATE_BF16)
 
 
 @triton.jit
@@ -244,15 +282,14 @@ def _linear_bwd_kernel(
         acc_dx, _unused_t, _unused_rowsum = _gemm_tile(
             dy_ptr, w_ptr, s_ptr, dy_ptr, w_ptr,
             pid_m, pid_k, M, K, N,
-            stride_dym, stride_dyn, stride_wn, stride_wk, stride_sm, stride_sn,
-            0, 0, 0, 0,
-            ACT, False, True, False, False,
-            FP64, EMULATE_BF16, PRECISION, INT64, BLOCK_M, BLOCK_N, BLOCK_K,
+            stride_dym, stride_dyn, stride_wn, stride_wk, stride_sm, stride_sn, 0, 0, 0, 0,
+            PROLOGUE_ACT=ACT, ROWSUM_A=False, WITH_DOT=True, HAS_AT=False, HAS_BT=False,
+            FP64=FP64, EMULATE_BF16=EMULATE_BF16, PRECISION=PRECISION, INT64=INT64,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         )
         offs_m, offs_k = _tile_offsets(pid_m, pid_k, BLOCK_M, BLOCK_N, INT64)
         mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-        tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-                 _cast(acc_dx, dx_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
+        _store_tile(dx_ptr, offs_m, offs_k, stride_dxm, stride_dxk, acc_dx, mask, EMULATE_BF16)
     else:
         # dW[n, k] = Σ_m dZ[m, n]·X[m, k]: A = dZᵀ (N×M, dY and S read with swapped strides), B = X.
         if COMPUTE_DW:
@@ -263,20 +300,21 @@ def _linear_bwd_kernel(
         acc_dw, _unused_dw_t, rowsum = _gemm_tile(
             dy_ptr, x_ptr, s_ptr, dy_ptr, x_ptr,
             pid_n, pid_k, N, K, M,
-            stride_dyn, stride_dym, stride_xm, stride_xk, stride_sn, stride_sm,
-            0, 0, 0, 0,
-            ACT, COMPUTE_DB, COMPUTE_DW, False, False,
-            FP64, EMULATE_BF16, PRECISION, INT64, BLOCK_M, BLOCK_N, BLOCK_K,
+            stride_dyn, stride_dym, stride_xm, stride_xk, stride_sn, stride_sm, 0, 0, 0, 0,
+            # a frozen weight's programs only sum dZ rows for db: no product
+            PROLOGUE_ACT=ACT, ROWSUM_A=COMPUTE_DB, WITH_DOT=COMPUTE_DW, HAS_AT=False, HAS_BT=False,
+            FP64=FP64, EMULATE_BF16=EMULATE_BF16, PRECISION=PRECISION, INT64=INT64,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         )
         offs_n, offs_k = _tile_offsets(pid_n, pid_k, BLOCK_M, BLOCK_N, INT64)
         mask_n = offs_n < N
         if COMPUTE_DW:
             mask = mask_n[:, None] & (offs_k < K)[None, :]
-            dw_ptrs = dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk
             if ACCUMULATE_DW:
                 # Each dW element belongs to exactly one tile: a plain read-add-write, no atomics.
-                acc_dw += tl.load(dw_ptrs, mask=mask, other=0.0).to(acc_dw.dtype)
-            tl.store(dw_ptrs, _cast(acc_dw, dw_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
+                acc_dw += tl.load(dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk, mask=mask,
+                                  other=0.0).to(acc_dw.dtype)
+            _store_tile(dw_ptr, offs_n, offs_k, stride_dwn, stride_dwk, acc_dw, mask, EMULATE_BF16)
         if COMPUTE_DB:
             # Every K column of tiles sees the same dZ rows; the first one writes db (no atomics).
             if pid_k == 0:

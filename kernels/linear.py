@@ -17,9 +17,9 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from . import configs
-from .activations import ACT_NONE
-from .gemm import _linear_bwd_kernel, _linear_fwd_kernel
+from . import configs, variants
+from ..activations import lookup
+from .gemm import _linear_fwd_kernel
 
 #: True when the kernels were defined under TRITON_INTERPRET=1: they then run on CPU tensors through
 #: Triton's interpreter (numpy) instead of being compiled for a GPU.
@@ -121,26 +121,30 @@ def _strides(t, ndim):
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
 
-def _launch(kernel, name, grid_fn, args, flags, M, N, K, dtype, device, wrap=None):
-    """Pick a config (interpreter / cached autotune / heuristic), record the launch and run it.
+def _launch(direction, args, flags, M, N, K, dtype, device, tensors, wrap=None):
+    """Select the kernel variant, pick a config (interpreter / cached autotune / heuristic), record the
+    launch and run it.
 
     wrap: None for a plain launch, or ``torch.library.wrap_triton`` when called from a ``triton_op``
     body that torch.compile traces — then nothing may be timed, so the config comes from the autotune
     cache if this shape was tuned eagerly, else from the heuristic.
     """
+    problem = variants.Problem(M, N, K, dtype, tensors, flags)
+    variant = variants.select(direction, problem)
+    kernel = variant.kernel
     if INTERPRETER:
         cfg = configs.interpreter_config(M, N, K)
     else:
         def run(c):
-            kernel[grid_fn(c)](*args, **flags, **c.launch_kwargs())
+            kernel[variant.grid(problem, c)](*args, **flags, **c.launch_kwargs())
 
         with torch.cuda.device(device):
-            cfg = configs.launch_config(_device_name(device.index), name, flags, M, N, K, dtype, run,
+            cfg = configs.launch_config(_device_name(device.index), variant.name, flags, M, N, K, dtype, run,
                                         lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20),
-                                        traced=wrap is not None)
-    grid = grid_fn(cfg)
+                                        traced=wrap is not None, space=variant.config_space)
+    grid = variant.grid(problem, cfg)
     for log in _RECORDERS:
-        log.append(Launch(name, grid, dict(flags, **cfg.launch_kwargs()), args))
+        log.append(Launch(variant.name, grid, dict(flags, **cfg.launch_kwargs()), args))
     if grid[0] == 0:
         return
     launcher = kernel if wrap is None else wrap(kernel)
@@ -152,13 +156,13 @@ def _launch(kernel, name, grid_fn, args, flags, M, N, K, dtype, device, wrap=Non
             launcher[grid](*args, **flags, **cfg.launch_kwargs())
 
 
-def linear_forward(x, weight, bias=None, activation=ACT_NONE, store_preact=False,
+def linear_forward(x, weight, bias=None, activation=None, store_preact=False,
                    x_tangent=None, weight_tangent=None, bias_tangent=None, store_preact_tangent=False, wrap=None):
     """``y = act(x·weightᵀ + bias)`` in one kernel; optionally forward-mode tangents in the same pass.
 
     Args:
         x: (M, K); weight: (N, K); bias: (N,) or None — one floating dtype, one device.
-        activation: an ``ACT_*`` id.
+        activation: a name of the activation table (None, "relu", …) or its row.
         store_preact: also return ``z = x·weightᵀ + bias`` (what a backward of gelu/silu needs).
         x_tangent, weight_tangent, bias_tangent: Ẋ (M, K), Ẇ (N, K), ḃ (N,), each optional.
         store_preact_tangent: also return ``ż`` when tangents are given.
@@ -166,6 +170,7 @@ def linear_forward(x, weight, bias=None, activation=ACT_NONE, store_preact=False
     Returns:
         (y, z, y_tangent, z_tangent): y (M, N); the others (M, N) or None.
     """
+    act = lookup(activation)
     M, K = x.shape
     N = weight.shape[0]
     tangent = x_tangent is not None or weight_tangent is not None or bias_tangent is not None
@@ -175,42 +180,37 @@ def linear_forward(x, weight, bias=None, activation=ACT_NONE, store_preact=False
     zt = _alloc((M, N), x) if tangent and store_preact_tangent else None
     if M == 0 or N == 0:
         return y, z, yt, zt
-    flags = dict(
-        ACT=activation, HAS_BIAS=bias is not None, STORE_Z=z is not None,
-        HAS_XT=x_tangent is not None, HAS_WT=weight_tangent is not None,
-        HAS_BT=bias_tangent is not None, STORE_ZT=zt is not None,
-        **_common_flags(x.dtype, x, weight, bias, x_tangent, weight_tangent, bias_tangent, y),
-    )
+    tensors = (x, weight, bias, y, z, x_tangent, weight_tangent, bias_tangent, yt, zt)
+    flags = dict(ACT=act.kernel_id, HAS_BIAS=bias is not None, STORE_Z=z is not None,
+                 **_common_flags(x.dtype, *tensors))
     # Unused pointer slots get a real tensor (never dereferenced: their constexpr flag is off).
-    args = (
-        x, weight, _or(bias, y), y, _or(z, y), _or(x_tangent, x), _or(weight_tangent, weight),
-        _or(bias_tangent, y), _or(yt, y), _or(zt, y),
-        M, N, K,
-        *x.stride(), *weight.stride(), *_strides(bias, 1)[:1], *y.stride(), *_strides(z, 2),
-        *_strides(x_tangent, 2), *_strides(weight_tangent, 2), *_strides(bias_tangent, 1)[:1],
-        *_strides(yt, 2), *_strides(zt, 2),
-    )
-
-    def grid(c):
-        return (triton.cdiv(M, c.BLOCK_M) * triton.cdiv(N, c.BLOCK_N),)
-
-    _launch(_linear_fwd_kernel, "linear_fwd", grid, args, flags, M, N, K, x.dtype, x.device, wrap)
+    args = (x, weight, _or(bias, y), y, _or(z, y))
+    strides = (*x.stride(), *weight.stride(), *_strides(bias, 1)[:1], *y.stride(), *_strides(z, 2))
+    if tangent:
+        flags.update(HAS_XT=x_tangent is not None, HAS_WT=weight_tangent is not None,
+                     HAS_BT=bias_tangent is not None, STORE_ZT=zt is not None, DACT_FROM_Y=act.saves == "y")
+        args += (_or(x_tangent, x), _or(weight_tangent, weight), _or(bias_tangent, y), yt, _or(zt, y))
+        strides += (*_strides(x_tangent, 2), *_strides(weight_tangent, 2), *_strides(bias_tangent, 1)[:1],
+                    *yt.stride(), *_strides(zt, 2))
+    _launch("fwd_tangent" if tangent else "fwd", (*args, M, N, K, *strides), flags, M, N, K, x.dtype, x.device,
+            tensors, wrap)
     return y, z, yt, zt
 
 
-def linear_backward(grad_y, x, weight, saved, activation=ACT_NONE,
+def linear_backward(grad_y, x, weight, saved, activation=None,
                     need_x=True, need_weight=True, need_bias=False, wrap=None, weight_grad_out=None):
     """dZ = dY ⊙ act'(saved);  dX = dZ·W,  dW = dZᵀ·X,  db = Σ_rows dZ — one launch for all requested.
 
     Args:
         grad_y: (M, N); x: (M, K) (None if not need_weight); weight: (N, K) (None if not need_x);
-        saved: (M, N) — relu: the forward's output y; gelu/gelu_tanh/silu: the
-        pre-activation z; None for ACT_NONE.
+        saved: (M, N) — what the activation table says act' reads (y for relu, z for the others);
+        None without activation.
         weight_grad_out: (N, K), e.g. an fp32 ``main_grad``: dW is *added* into it in the kernel's
         epilogue and it is returned as grad_w (no separate dW buffer, no extra pass).
     Returns:
         (grad_x (M, K) or None, grad_w (N, K) or None, grad_b (N,) or None)
     """
+    act = lookup(activation)
     M, N = grad_y.shape
     # The tensor that gives K and the output dtype/device (neither x nor weight is kept for db alone).
     ref = x if x is not None else weight if weight is not None else grad_y
@@ -232,28 +232,18 @@ def linear_backward(grad_y, x, weight, saved, activation=ACT_NONE,
         dx.zero_()
     if need_weight and not compute_dw and not accumulate:
         dw.zero_()
-    flags = dict(
-        ACT=activation, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-        ACCUMULATE_DW=accumulate and compute_dw, **_common_flags(ref.dtype, grad_y, x, weight, saved, dx, dw),
-    )
-    s = saved if activation != ACT_NONE else grad_y
+    tensors = (grad_y, x, weight, saved, dx, dw, db)
+    flags = dict(ACT=act.kernel_id, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+                 ACCUMULATE_DW=accumulate and compute_dw, **_common_flags(ref.dtype, *tensors[:6]))
+    s = saved if act.saves is not None else grad_y
     args = (
         grad_y, _or(x, ref), _or(weight, ref), s, _or(dx, ref), _or(dw, ref), _or(db, ref),
         M, N, K,
         *grad_y.stride(), *_strides(x, 2), *_strides(weight, 2), *s.stride(),
         *_strides(dx, 2), *_strides(dw, 2), *_strides(db, 1)[:1],
     )
-
-    def grid(c):
-        tiles_dx = triton.cdiv(M, c.BLOCK_M) * triton.cdiv(K, c.BLOCK_N) if compute_dx else 0
-        if compute_dw:
-            tiles_dw = triton.cdiv(N, c.BLOCK_M) * triton.cdiv(K, c.BLOCK_N)
-        else:
-            tiles_dw = triton.cdiv(N, c.BLOCK_M) if compute_db else 0
-        return (tiles_dx + tiles_dw,)
-
     # Both products share one config (one launch); the autotune key holds all of M, N, K.
-    _launch(_linear_bwd_kernel, "linear_bwd", grid, args, flags, M, N, K, ref.dtype, ref.device, wrap)
+    _launch("bwd", args, flags, M, N, K, ref.dtype, ref.device, tensors, wrap)
     return dx, dw, db
 
 

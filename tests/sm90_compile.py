@@ -9,69 +9,80 @@ line per variant: {"variant", "ok", "block_m", "shared", "regs", "stack", "wgmma
 import json
 import os
 import sys
-from collections import namedtuple
 
-# Importable by the test for the variant list without defining (or interpreting) any kernel.
-Tile = namedtuple("Tile", "BLOCK_M BLOCK_N BLOCK_K GROUP_M num_warps num_stages")
+import torch
 
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
-FWD = dict(HAS_BIAS=True, STORE_Z=True, HAS_XT=False, HAS_WT=False, HAS_BT=False, STORE_ZT=False)
-BWD = dict(COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True, ACCUMULATE_DW=False)
-TANGENTS = dict(HAS_XT=True, HAS_WT=True, HAS_BT=True, STORE_ZT=True)
+# Every flag on (bias, Z, all tangents, all gradients), per direction of the variant table; rows override.
+ALL_ON = {
+    "fwd": dict(HAS_BIAS=True, STORE_Z=True),
+    "fwd_tangent": dict(HAS_BIAS=True, STORE_Z=True, HAS_XT=True, HAS_WT=True, HAS_BT=True, STORE_ZT=True,
+                        DACT_FROM_Y=False),
+    "bwd": dict(COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True, ACCUMULATE_DW=False),
+}
+# Row counts of the three M buckets of kernels/configs.py (decode, small batch, large batch).
+BUCKETS = {"decode": 1, "M<=128": 100, "M>128": 4096}
 
-# (name, kernel, dtype, activation, flag overrides, tile config)
-# The heuristic picks of kernels/configs.py (test_configs.py keeps these in sync) come first.
-HEURISTIC_TILES = {"M<=16": Tile(16, 64, 128, 1, 8, 4), "M<=128": Tile(64, 64, 64, 8, 4, 4),
-                   "M>128": Tile(128, 128, 64, 8, 8, 3)}
-VARIANTS = [
-    *((f"{kind} bf16 gelu_tanh heuristic {bucket}", kind, "bf16", 3, {}, tile)
-      for bucket, tile in HEURISTIC_TILES.items() if bucket != "M>128" for kind in ("fwd", "bwd")),
-    ("fwd bf16 gelu_tanh", "fwd", "bf16", 3, {}, Tile(128, 128, 64, 8, 8, 3)),
-    ("fwd bf16 relu tangents", "fwd", "bf16", 1, TANGENTS, Tile(128, 128, 64, 8, 8, 3)),
-    ("fwd fp16 silu decode", "fwd", "fp16", 4, {"HAS_BIAS": False}, Tile(16, 64, 128, 1, 8, 4)),
-    ("fwd fp32 tf32 gelu int64", "fwd", "fp32", 2, {"PRECISION": "tf32", "INT64": True},
-     Tile(128, 128, 32, 8, 8, 3)),
-    ("fwd fp64 none", "fwd", "fp64", 0, {"STORE_Z": False}, Tile(64, 64, 16, 8, 4, 2)),
-    ("bwd bf16 gelu_tanh dx+dw+db", "bwd", "bf16", 3, {}, Tile(128, 128, 64, 8, 8, 3)),
-    ("bwd bf16 relu dx+db (frozen W)", "bwd", "bf16", 1, {"COMPUTE_DW": False},
-     Tile(128, 128, 64, 8, 8, 3)),
-    ("bwd bf16 silu dw into fp32 main_grad", "bwd", "bf16", 4, {"COMPUTE_DX": False, "ACCUMULATE_DW": True,
-                                                                      "dw_ptr": "*fp32"},
-     Tile(128, 128, 64, 8, 8, 3)),
-    ("bwd fp64 silu dw int64", "bwd", "fp64", 4, {"COMPUTE_DX": False, "INT64": True},
-     Tile(64, 64, 16, 8, 4, 2)),
+# Special cases: (row name, variant name, dtype, activation, flag overrides, M whose heuristic tile is lowered).
+SPECIAL = [
+    ("linear_fwd_tangent bf16 relu (act' from y)", "linear_fwd_tangent", "bf16", "relu", {"DACT_FROM_Y": True}, 4096),
+    ("linear_fwd fp16 silu decode no bias", "linear_fwd", "fp16", "silu", {"HAS_BIAS": False}, 1),
+    ("linear_fwd fp32 tf32 gelu int64", "linear_fwd", "fp32", "gelu", {"PRECISION": "tf32", "INT64": True}, 4096),
+    ("linear_fwd fp64 none", "linear_fwd", "fp64", None, {"STORE_Z": False}, 4096),
+    ("linear_bwd bf16 relu2 dx+dw+db", "linear_bwd", "bf16", "relu2", {}, 4096),
+    ("linear_bwd bf16 relu dx+db (frozen W)", "linear_bwd", "bf16", "relu", {"COMPUTE_DW": False}, 4096),
+    ("linear_bwd bf16 silu dw into fp32 main_grad", "linear_bwd", "bf16", "silu",
+     {"COMPUTE_DX": False, "ACCUMULATE_DW": True, "dw_ptr": "*fp32"}, 4096),
+    ("linear_bwd fp64 silu dw int64", "linear_bwd", "fp64", "silu", {"COMPUTE_DX": False, "INT64": True}, 4096),
 ]
 
 
-# What Triton's JIT specialises for a typical call (contiguous operands, sizes and strides that are
-# multiples of 16, 16-byte aligned pointers): unit strides become constexpr 1, every other int and
-# every pointer gets divisibility 16. Without this the lowering would describe a worst case that the
-# JIT never compiles (e.g. 16-bit loads then cannot be vectorised, so they are not software-pipelined).
-UNIT_STRIDES = {
-    "fwd": {"stride_xk", "stride_wk", "stride_b", "stride_yn", "stride_zn", "stride_xtk", "stride_wtk",
-            "stride_bt", "stride_ytn", "stride_ztn"},
-    "bwd": {"stride_dyn", "stride_xk", "stride_wk", "stride_sn", "stride_dxk", "stride_dwk", "stride_db"},
-}
+def rows():
+    """Every variant of the kernel-variant table at every bucket's heuristic tile (gelu_tanh: the
+    costliest epilogue/prologue), then the special cases. Imports the kernels: call it with the
+    interpreter off when compiling."""
+    from fusedad.kernels import variants
+
+    return [*((f"{v.name} bf16 gelu_tanh heuristic {bucket}", v.name, "bf16", "gelu_tanh", {}, M)
+              for v in variants.VARIANTS for bucket, M in BUCKETS.items()), *SPECIAL]
 
 
-def compile_variant(kind, dtype, act, overrides, cfg):
+def heuristic_tile(variant_name, M, dtype):
+    """The tile the heuristic picks for M rows at a large N = K (the first entry of the variant's
+    config space)."""
+    from fusedad.kernels import variants
+
+    variant = next(v for v in variants.VARIANTS if v.name == variant_name)
+    return variant.config_space(M, 4096, 4096, DTYPES[dtype])[0]
+
+
+def compile_variant(name, dtype, act, overrides, cfg):
+    """Lower the variant-table kernel ``name`` for sm_90 as the JIT would specialise a contiguous,
+    16-aligned call. act: an activation name; cfg: a TileConfig."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fusedad.kernels import gemm
+    from fusedad.activations import lookup
+    from fusedad.kernels import variants
 
-    kernel = gemm._linear_fwd_kernel if kind == "fwd" else gemm._linear_bwd_kernel
-    flags = dict(FWD if kind == "fwd" else BWD)
-    flags.update(ACT=act, FP64=dtype == "fp64", EMULATE_BF16=False, PRECISION="ieee", INT64=False)
+    variant = next(v for v in variants.VARIANTS if v.name == name)
+    kernel = variant.kernel
+    flags = dict(ALL_ON[variant.direction])
+    flags.update(ACT=lookup(act).kernel_id, FP64=dtype == "fp64", EMULATE_BF16=False, PRECISION="ieee", INT64=False)
     flags.update({k: v for k, v in overrides.items() if not k.endswith("_ptr")})
     flags.update(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
     signature, attrs = {}, {}
     for i, (name, p) in enumerate(zip(kernel.arg_names, kernel.params)):
         if p.is_constexpr:
             signature[name] = "constexpr"
-        elif name in UNIT_STRIDES[kind]:
+        elif name in variant.unit_strides:
+            # What Triton's JIT specialises for a typical call (contiguous operands, sizes and strides that
+            # are multiples of 16, 16-byte aligned pointers): unit strides become constexpr 1, every other
+            # int and every pointer gets divisibility 16. Without this the lowering would describe a worst
+            # case the JIT never compiles (16-bit loads then cannot be vectorised, so not pipelined).
             signature[name] = "constexpr"
             flags[name] = 1
         else:
@@ -103,11 +114,12 @@ def resource_usage(cubin):
 
 
 def main(names):
-    for name, kernel, dtype, act, overrides, cfg in VARIANTS:
+    for name, variant, dtype, act, overrides, M in rows():
         if names and name not in names:
             continue
+        cfg = heuristic_tile(variant, M, dtype)
         try:
-            k = compile_variant(kernel, dtype, act, overrides, cfg)
+            k = compile_variant(variant, dtype, act, overrides, cfg)
             ptx = k.asm["ptx"]
             regs, stack = resource_usage(k.asm["cubin"])
             row = dict(variant=name, ok=True, block_m=cfg.BLOCK_M, shared=k.metadata.shared, regs=regs, stack=stack,
@@ -115,29 +127,28 @@ def main(names):
                        pipelined="async_copy_global_to_local" in k.asm["ttgir"] or "async_tma" in k.asm["ttgir"],
                        cubin=len(k.asm.get("cubin", b"")) > 0, error=None)
         except Exception as e:  # noqa: BLE001 - reported to the test, which fails with the message
-            row = dict(variant=name, ok=False, block_m=cfg.BLOCK_M, shared=None, regs=None, stack=None, pipelined=False, wgmma=False, cubin=False, error=f"{type(e).__name__}: {e}")
+            row = dict(variant=name, ok=False, block_m=cfg.BLOCK_M, shared=None, regs=None, stack=None,
+                       pipelined=False, wgmma=False, cubin=False, error=f"{type(e).__name__}: {e}")
         print(json.dumps(row), flush=True)
 
 
 def sweep_candidates():
-    """Every bf16 autotune candidate of kernels/configs.py, fwd and bwd with gelu_tanh (the costliest
-    epilogue/prologue): one JSON line each with shared memory, registers and stack (spill) bytes."""
-    import torch
-
-    from fusedad.kernels import configs
+    """Every bf16 config of each variant's config space, for every variant of the variant table with
+    gelu_tanh (the costliest epilogue/prologue): one JSON line each with shared memory, registers and
+    stack (spill) bytes."""
+    from fusedad.kernels import variants
 
     seen = set()
-    for M in (1, 64, 4096):
-        for c in configs.candidates(M, 4096, 4096, torch.bfloat16):
-            tile = Tile(c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.GROUP_M, c.num_warps, c.num_stages)
-            for kind in ("fwd", "bwd"):
-                if (kind, tile) in seen:
+    for v in variants.VARIANTS:
+        for M in BUCKETS.values():
+            for c in v.config_space(M, 4096, 4096, torch.bfloat16):
+                if (v.name, c) in seen:
                     continue
-                seen.add((kind, tile))
-                k = compile_variant(kind, "bf16", 3, {}, tile)
+                seen.add((v.name, c))
+                k = compile_variant(v.name, "bf16", "gelu_tanh", {}, c)
                 regs, stack = resource_usage(k.asm["cubin"])
-                print(json.dumps(dict(kind=kind, tile=list(tile), shared=k.metadata.shared, regs=regs, stack=stack)),
-                      flush=True)
+                print(json.dumps(dict(variant=v.name, tile=c.launch_kwargs(), shared=k.metadata.shared, regs=regs,
+                                      stack=stack)), flush=True)
 
 
 if __name__ == "__main__":

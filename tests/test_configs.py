@@ -82,14 +82,18 @@ def test_interpreter_config_is_small_and_covers_tiny_shapes():
     assert (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K) == (16, 64, 16)
 
 
-def test_heuristic_picks_are_the_tiles_compiled_in_ci():
-    """tests/sm90_compile.py lowers these exact tiles (and checks them for spills)."""
-    from sm90_compile import HEURISTIC_TILES
+def test_sm90_compile_covers_every_variant_at_every_bucket():
+    """tests/sm90_compile.py lowers (and checks for spills) each variant at the heuristic tile of each M
+    bucket; its bucket rows must hit every distinct heuristic pick of the config space."""
+    from sm90_compile import BUCKETS, rows
 
-    for M, bucket in ((1, "M<=16"), (100, "M<=128"), (4096, "M>128")):
-        c = configs.candidates(M, 4096, 4096, torch.bfloat16)[0]
-        assert tuple(HEURISTIC_TILES[bucket]) == (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.GROUP_M, c.num_warps,
-                                                  c.num_stages), bucket
+    from fusedad.kernels import variants
+
+    lowered = {(variant, M) for _, variant, _, _, _, M in rows()}
+    assert {(v.name, M) for v in variants.VARIANTS for M in BUCKETS.values()} <= lowered
+    for v in variants.VARIANTS:
+        picks = {v.config_space(M, 4096, 4096, torch.bfloat16)[0] for M in (1, 16, 17, 64, 128, 129, 512, 8192)}
+        assert picks == {v.config_space(M, 4096, 4096, torch.bfloat16)[0] for M in BUCKETS.values()}
 
 
 def test_accumulating_launch_is_never_timed(monkeypatch):
@@ -123,3 +127,13 @@ def test_traced_launch_is_never_timed(monkeypatch):
     cfg = configs.launch_config("H100", "linear_fwd", {"ACT": 0}, 64, 64, 64, torch.float32, lambda c: c, no_timing,
                                 traced=True)
     assert cfg == configs.candidates(64, 64, 64, torch.float32)[0]
+
+
+@pytest.mark.parametrize("M", [1, 100, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_tangent_configs_hold_two_accumulators_without_spilling(M, dtype):
+    """Forward mode keeps two accumulators: ≤ 32 fp32 values per thread each (the rule the sm_90 spill
+    measurements gave), and never an empty space."""
+    cands = configs.tangent_candidates(M, 4096, 4096, dtype)
+    assert cands and set(cands) <= set(configs.candidates(M, 4096, 4096, dtype))
+    assert all(c.BLOCK_M * c.BLOCK_N <= 1024 * c.num_warps for c in cands)
