@@ -5,9 +5,10 @@ single-launch backward.
     layer = fusedad.nn.Linear(1024, 4096, activation="gelu_tanh")
     y = fusedad.functional.linear(x, w, b, activation="relu")
     model = fusedad.convert(model)          # swap every nn.Linear (and fuse Linear→ReLU/GELU/SiLU)
+    fusedad.testing.gradcheck(my_linear)     # verify a linear kernel as fusedad's suite does
     fusedad.backend(x)                      # "triton" | "triton-interpreter" | "eager"
 """
-from . import functional, nn
+from . import functional, nn, testing
 from .activations import ACTIVATIONS
 from .backend import backend
 from .convert import convert
@@ -15,4 +16,4 @@ from .functional import linear
 from .nn import Linear
 
 __version__ = "0.1.0"
-__all__ = ["ACTIVATIONS", "Linear", "backend", "convert", "functional", "linear", "nn"]
+__all__ = ["ACTIVATIONS", "Linear", "backend", "convert", "functional", "linear", "nn", "testing"]

@@ -1,5 +1,6 @@
-"""Argument checks for ``fusedad.functional.linear``: a clear error naming shapes, dtypes and devices,
-raised before any kernel sees the tensors (never a wrong answer or an illegal memory access)."""
+"""Argument preparation for ``fusedad.functional.linear``: the autocast cast, then checks that raise a
+clear error naming shapes, dtypes and devices before any kernel sees the tensors (never a wrong answer
+or an illegal memory access)."""
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -46,3 +47,33 @@ def check_linear_args(input, weight, bias):
     if len({t.device for _, t in tensors}) > 1:
         got = ", ".join(f"{n} on {t.device}" for n, t in tensors)
         raise RuntimeError(f"fusedad.linear: expected all tensors on the same device, got {got}")
+
+
+def cast_and_check(input, weight, bias, weight_main_grad=None):
+    """Autocast's cast (as ``nn.Linear`` gets it), then ``check_linear_args``. -> (input, weight, bias)"""
+    if isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor):
+        input, weight, bias = _autocast(input, weight, bias)
+    check_linear_args(input, weight, bias)
+    if weight_main_grad is not None:
+        _check_main_grad(weight_main_grad, weight)
+    return input, weight, bias
+
+
+def _autocast(input, weight, bias):
+    """Cast to the autocast dtype exactly when nn.Linear would (linear is an autocast-to-low-precision op)."""
+    device_type = input.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+    return cast(input), cast(weight), cast(bias)
+
+
+def _check_main_grad(main_grad, weight):
+    if main_grad.shape != weight.shape or main_grad.device != weight.device or not main_grad.is_floating_point():
+        raise RuntimeError(f"fusedad.linear: weight_main_grad must be a floating tensor of the weight's shape "
+                           f"{_shape(weight)} on {weight.device}, got {main_grad.dtype} of shape "
+                           f"{_shape(main_grad)} on {main_grad.device}")

@@ -1,8 +1,9 @@
-"""``FusedLinearFunction``: the autograd Function around the fused kernels.
+"""The autograd core: ``FusedLinearFunction`` around the fused kernels, and ``route``, which picks how a
+2-D call runs (compiled graph, forward-mode lockstep kernel, torch.func, recorded or not).
 
     (x: (M, K), weight: (N, K), bias: (N,) | None) -> (y = act(z): (M, N), z = x·Wᵀ + b: (M, N) | None)
 
-z is returned (for gelu/gelu_tanh/silu; None for relu and no activation) as a *differentiable*
+z is returned (for the activations whose derivative reads it; None otherwise) as a *differentiable*
 output: the backward keeps it for act'(z), and in a double backward the gradient that flows into z
 comes back to this Function as ``grad_z``, so second derivatives need no extra saved tensor.
 
@@ -10,15 +11,17 @@ Backward paths:
 * first order, plain tensors: one fused launch for all requested of dX, dW, db
   (``ctx.needs_input_grad`` decides; nothing is computed for an input that needs no gradient);
 * ``create_graph=True``, a gradient into z, or functorch transforms (jacrev, vmap of grad …):
-  the same math from differentiable pieces — dZ by torch ops, dX and dW by fusedad linear calls
-  (which go through this Function again), db by a sum.
-Forward mode: ``jvp`` returns the tangents computed in lockstep with the primal when
-``fusedad.functional`` saw them before the forward (``precomputed``), else builds them from
-fusedad linear calls (Ż = Ẋ·Wᵀ + X·Ẇᵀ + ḃ, Ẏ = act'(Z) ⊙ Ż).
+  ``derivatives.gradients`` with this Function as the matrix product — dZ by torch ops, dX and dW by
+  two more fused launches (differentiable again), db by a sum.
+Forward mode: ``jvp`` returns the tangents computed in lockstep with the primal when ``route`` saw
+them before the forward (``precomputed``), else ``derivatives.tangents`` with this Function.
 """
 import torch
+import torch.autograd.forward_ad as fwAD
 
-from . import activations, backend
+from . import activations, backend, derivatives, ops
+
+_NO_ACTIVATION = activations.lookup(None)
 
 
 def is_functorch_tensor(t):
@@ -26,95 +29,79 @@ def is_functorch_tensor(t):
     return t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def _linear(x, weight, bias=None):
-    from .functional import linear  # functional imports this module
+def _fused_linear(a, w):
+    """a·wᵀ through this Function (no bias, no activation): differentiable, and it runs the kernels."""
+    return FusedLinearFunction.apply(a, w, None, _NO_ACTIVATION, None, None)[0]
 
-    return linear(x, weight, bias)
+
+def _fused_matmul(a, b):
+    return _fused_linear(a, b.t())
 
 
 class FusedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(x, weight, bias, activation, precomputed, weight_main_grad):
-        """precomputed: None, or (y, z, y_tangent, z_tangent) from the lockstep forward-mode kernel.
-        weight_main_grad: None, or an fp32 (N, K) buffer the backward adds dW into (weight.grad stays
-        untouched: the Function returns no weight gradient then)."""
+    def forward(x, weight, bias, act, precomputed, weight_main_grad):
+        """act: an activation table row. precomputed: None, or (y, z, y_tangent, z_tangent) from the
+        lockstep forward-mode kernel. weight_main_grad: None, or an fp32 (N, K) buffer the backward adds
+        dW into (weight.grad stays untouched: the Function returns no weight gradient then)."""
         if precomputed is not None:
             return precomputed[0], precomputed[1]
-        y, z, _, _ = backend.forward(x, weight, bias, activation, store_preact=activation in activations.SMOOTH)
+        y, z, _, _ = backend.select(x.device).forward(x, weight, bias, act, store_preact=act.needs_z)
         return y, z
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, activation, precomputed, weight_main_grad = inputs
+        x, weight, bias, act, precomputed, weight_main_grad = inputs
         y, z = output
         ctx.weight_main_grad = weight_main_grad
-        need_x, need_w, _ = ctx.needs_input_grad[:3]
-        saved = y if activation == "relu" else z
-        ctx.activation = activation
+        ctx.act = act
         ctx.set_materialize_grads(False)
-        # Only what the backward needs: x for dW, weight for dX, y (relu) or z (smooth) for act'.
-        ctx.save_for_backward(x if need_w else None, weight if need_x else None, saved)
+        need_x, need_w, _ = ctx.needs_input_grad[:3]
+        ctx.save_for_backward(*derivatives.saved_for_backward(act, need_x, need_w, x, weight, y, z))
         if precomputed is not None:
             ctx.tangents = precomputed[2:]
         else:
             ctx.tangents = None
-            ctx.save_for_forward(x, weight, saved)
+            ctx.save_for_forward(x, weight, act.saved(y, z))
 
     @staticmethod
     def backward(ctx, grad_y, grad_z):
         x, weight, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        act = ctx.activation
         main_grad = ctx.weight_main_grad if need_w else None
         if grad_y is None and grad_z is None:
             return None, None, None, None, None, None
         composite = (torch.is_grad_enabled() or grad_z is not None or grad_y is None
                      or any(is_functorch_tensor(t) for t in (grad_y, x, weight, saved)))
-        if not composite:
-            dx, dw, db = backend.backward(grad_y, x, weight, saved, act, need_x, need_w, need_b,
-                                          weight_grad_out=main_grad)
-            return dx, (None if main_grad is not None else dw), db, None, None, None
-        dz = activations.chain(grad_y, saved, act) if grad_y is not None else None
-        if grad_z is not None:
-            dz = grad_z if dz is None else dz + grad_z
-        dx = _linear(dz, weight.t()) if need_x else None  # dX = dZ·W
-        dw = _linear(dz.t(), x.t()) if need_w else None  # dW = dZᵀ·X
-        db = dz.sum(0) if need_b else None
-        if main_grad is not None:
-            main_grad.add_(dw.detach())
-            dw = None
-        return dx, dw, db, None, None, None
+        if composite:
+            dx, dw, db = derivatives.gradients(grad_y, grad_z, x, weight, saved, ctx.act, need_x, need_w, need_b,
+                                               _fused_matmul)
+            if main_grad is not None:
+                main_grad.add_(dw.detach())
+        else:
+            dx, dw, db = backend.select(grad_y.device).backward(grad_y, x, weight, saved, ctx.act, need_x, need_w,
+                                                                need_b, weight_grad_out=main_grad)
+        return dx, (None if main_grad is not None else dw), db, None, None, None
 
     @staticmethod
-    def jvp(ctx, x_t, weight_t, bias_t, _activation_t, _precomputed_t, _main_grad_t):
+    def jvp(ctx, x_t, weight_t, bias_t, _act_t, _precomputed_t, _main_grad_t):
         if ctx.tangents is not None:
             return ctx.tangents
         x, weight, saved = ctx.saved_tensors
-        parts = []
-        if x_t is not None:
-            parts.append(_linear(x_t, weight))
-        if weight_t is not None:
-            parts.append(_linear(x, weight_t))
-        if bias_t is not None:
-            parts.append(bias_t.expand(x.shape[0], weight.shape[0]))
-        if not parts:
-            return None, None
-        z_t = sum(parts[1:], parts[0])
-        y_t = activations.chain(z_t, saved, ctx.activation)
-        return y_t, (z_t if ctx.activation in activations.SMOOTH else None)
+        y_t, z_t = derivatives.tangents(x, weight, x_t, weight_t, bias_t, saved, ctx.act, _fused_linear)
+        return y_t, (z_t if z_t is not None and ctx.act.needs_z else None)
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, bias, activation, precomputed, weight_main_grad):
+    def vmap(info, in_dims, x, weight, bias, act, precomputed, weight_main_grad):
         x_dim, w_dim, b_dim = in_dims[:3]
-        smooth = activation in activations.SMOOTH
-        out_dims = (0, 0 if smooth else None)
+        out_dims = (0, 0 if act.needs_z else None)
         if w_dim is None and b_dim is None:
             # A batch of inputs is just more rows: one launch over (B·M, K).
             xb = x.movedim(x_dim, 0)
             batch, rows = xb.shape[0], xb.shape[1]
-            y, z = FusedLinearFunction.apply(xb.reshape(batch * rows, xb.shape[2]), weight, bias, activation, None,
+            y, z = FusedLinearFunction.apply(xb.reshape(batch * rows, xb.shape[2]), weight, bias, act, None,
                                              weight_main_grad)
-            return (y.view(batch, rows, -1), z.view(batch, rows, -1) if smooth else None), out_dims
+            return (y.view(batch, rows, -1), z.view(batch, rows, -1) if act.needs_z else None), out_dims
 
         # A batch of weights (ensembles): one fused call per member.
         def pick(t, dim, i):
@@ -123,9 +110,9 @@ class FusedLinearFunction(torch.autograd.Function):
         if weight_main_grad is not None:
             raise NotImplementedError("fusedad: weight_main_grad with a vmapped weight")
         outs = [FusedLinearFunction.apply(pick(x, x_dim, i), pick(weight, w_dim, i), pick(bias, b_dim, i),
-                                          activation, None, None) for i in range(info.batch_size)]
+                                          act, None, None) for i in range(info.batch_size)]
         y = torch.stack([o[0] for o in outs])
-        z = torch.stack([o[1] for o in outs]) if smooth else None
+        z = torch.stack([o[1] for o in outs]) if act.needs_z else None
         return (y, z), out_dims
 
 
@@ -135,15 +122,74 @@ class FusedLinearEagerFunction(torch.autograd.Function):
     ``Function.apply`` re-binds the forward's signature with ``inspect`` on every call when a
     ``setup_context`` is defined. Measured with `python -m bench.overhead` (tiny layer, eager backend,
     this project's 2-core CPU machine): fusedad's added cost per recorded forward fell from +67.7 µs
-    to +30.9 µs with this class. torch.func needs the setup_context style, so functional.py sends
-    wrapped tensors and forward-mode AD to FusedLinearFunction and everything else here.
+    to +30.9 µs with this class. torch.func needs the setup_context style, so ``route`` sends wrapped
+    tensors and forward-mode AD to FusedLinearFunction and everything else here.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation, precomputed, weight_main_grad):
-        inputs = (x, weight, bias, activation, precomputed, weight_main_grad)
+    def forward(ctx, x, weight, bias, act, precomputed, weight_main_grad):
+        inputs = (x, weight, bias, act, precomputed, weight_main_grad)
         output = FusedLinearFunction.forward(*inputs)
         FusedLinearFunction.setup_context(ctx, inputs, output)
         return output
 
     backward = FusedLinearFunction.backward
+
+
+def _forward_tangents(x, weight, bias, wrapped):
+    """Forward-mode (primal, tangent) pairs of the arguments as plain tensors, or None.
+
+    ``wrapped``: whether any argument is a functorch tensor. None when no argument carries a tangent.
+    Under ``torch.func.jvp`` the dual tensors are functorch wrappers of one level; they are unwrapped
+    here (a primal computed from the unwrapped values is what functorch expects from the Function's
+    forward and jvp). The caller falls back to the Function's own jvp (tangents from fused calls)
+    when a value is still wrapped after that (jacfwd's batched tangents, nested transforms).
+    """
+    if fwAD._current_level < 0 and not wrapped:
+        return None
+    pairs = []
+    for t in (x, weight, bias):
+        if t is None:
+            pairs.append((None, None))
+            continue
+        primal, tangent = fwAD.unpack_dual(t)
+        pairs.append((_unwrap_grad_level(primal), _unwrap_grad_level(tangent)))
+    if all(tangent is None for _, tangent in pairs):
+        return None
+    return pairs
+
+
+def _unwrap_grad_level(t):
+    if t is not None and torch._C._functorch.is_gradtrackingtensor(t):
+        return torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def route(x, weight, bias, act, weight_main_grad=None):
+    """act(x·weightᵀ + bias) for validated 2-D arguments, on the path the context calls for.
+
+    x: (M, K), weight: (N, K), bias: (N,) | None -> (M, N).
+    """
+    if torch.compiler.is_compiling():
+        if weight_main_grad is not None:
+            raise NotImplementedError("fusedad: weight_main_grad is not supported under torch.compile")
+        # Dynamo: an opaque custom op with registered autograd; its CUDA body is our Triton kernels.
+        return ops.linear(x, weight, bias, act)
+    wrapped = any(is_functorch_tensor(t) for t in (x, weight, bias))
+    duals = _forward_tangents(x, weight, bias, wrapped)
+    if duals is not None and not any(is_functorch_tensor(t) for pair in duals for t in pair):
+        # Forward mode in lockstep: one kernel emits y, z, ẏ and ż from shared X/W tiles.
+        (px, tx), (pw, tw), (pb, tb) = duals
+        # Below the transforms: new tensors (the kernel's outputs) must be plain, not jvp-level wrappers.
+        with torch.no_grad(), torch._C._DisableFuncTorch():
+            pre = backend.select(px.device).forward(px, pw, pb, act, store_preact=act.needs_z, x_tangent=tx,
+                                                    weight_tangent=tw, bias_tangent=tb,
+                                                    store_preact_tangent=act.needs_z)
+        return FusedLinearFunction.apply(x, weight, bias, act, pre, weight_main_grad)[0]
+    if wrapped or duals is not None:  # torch.func transforms and forward AD need setup_context style
+        return FusedLinearFunction.apply(x, weight, bias, act, None, weight_main_grad)[0]
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return FusedLinearEagerFunction.apply(x, weight, bias, act, None, weight_main_grad)[0]
+    # Nothing to differentiate (no_grad, inference_mode, or no input requires grad): no graph,
+    # nothing saved, no pre-activation written.
+    return backend.select(x.device).forward(x, weight, bias, act)[0]

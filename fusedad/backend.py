@@ -1,15 +1,21 @@
-"""Which implementation runs for a tensor, and the dispatch to it.
+"""The one dispatch point: which implementation runs fusedad's forward and backward for a device.
 
     "triton"             CUDA tensors: the compiled Triton kernels
     "triton-interpreter" CPU tensors when the kernels were defined under TRITON_INTERPRET=1: the same
                          kernels, run by Triton's interpreter (numpy) — how CI tests the real kernels
     "eager"              anything else (CPU without the interpreter, other devices): torch ops with the
                          same semantics (``fusedad/eager.py``)
+
+``select(device)`` returns a ``Backend`` with ``forward`` and ``backward`` (the contract of
+``kernels/linear.py``, activations as table rows). Inside a graph that Inductor compiles (the custom
+ops' bodies under torch.compile) the interpreter is never chosen: a CPU tensor takes the eager path.
 """
+import dataclasses
+from typing import Callable
+
 import torch
 
 from . import eager
-from .activations import check_activation
 from .kernels import linear as kernels
 
 TRITON = "triton"
@@ -17,28 +23,38 @@ INTERPRETER = "triton-interpreter"
 EAGER = "eager"
 
 
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    #: forward(x, weight, bias, act, store_preact=False, x_tangent=None, weight_tangent=None,
+    #:         bias_tangent=None, store_preact_tangent=False[, wrap]) -> (y, z, y_tangent, z_tangent)
+    forward: Callable
+    #: backward(grad_y, x, weight, saved, act, need_x, need_weight, need_bias, weight_grad_out=None[, wrap])
+    #:     -> (grad_x, grad_w, grad_b)
+    backward: Callable
+
+    @property
+    def runs_kernels(self):
+        return self.name != EAGER
+
+
+_BACKENDS = {name: Backend(name, kernels.linear_forward, kernels.linear_backward) for name in (TRITON, INTERPRETER)}
+_BACKENDS[EAGER] = Backend(EAGER, eager.linear_forward, eager.linear_backward)
+
+
+def _name(device_type, in_graph):
+    if kernels.INTERPRETER:
+        return INTERPRETER if device_type in ("cpu", "cuda") and not in_graph else EAGER
+    return TRITON if device_type == "cuda" else EAGER
+
+
+def select(device, in_graph=False):
+    """The Backend for tensors on ``device`` (a torch.device); ``in_graph``: inside a custom op's body."""
+    return _BACKENDS[_name(device.type, in_graph)]
+
+
 def backend(tensor_or_device):
     """Name of the implementation that runs fusedad ops for this tensor (or device)."""
     device = tensor_or_device.device if isinstance(tensor_or_device, torch.Tensor) else torch.device(
         tensor_or_device)
-    if kernels.INTERPRETER and device.type in ("cpu", "cuda"):
-        return INTERPRETER
-    if device.type == "cuda" and not kernels.INTERPRETER:
-        return TRITON
-    return EAGER
-
-
-def forward(x, weight, bias, activation, **kwargs):
-    """Dispatch of ``linear_forward`` (activation by name); kwargs as ``kernels.linear.linear_forward``."""
-    if backend(x) == EAGER:
-        return eager.linear_forward(x, weight, bias, activation, **kwargs)
-    return kernels.linear_forward(x, weight, bias, check_activation(activation), **kwargs)
-
-
-def backward(grad_y, x, weight, saved, activation, need_x, need_weight, need_bias, weight_grad_out=None):
-    """Dispatch of ``linear_backward`` (activation by name)."""
-    if backend(grad_y) == EAGER:
-        return eager.linear_backward(grad_y, x, weight, saved, activation, need_x, need_weight, need_bias,
-                                     weight_grad_out)
-    return kernels.linear_backward(grad_y, x, weight, saved, check_activation(activation),
-                                   need_x, need_weight, need_bias, weight_grad_out=weight_grad_out)
+    return select(device).name

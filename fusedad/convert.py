@@ -20,8 +20,8 @@ def convert(model, fuse_activations=True):
 
     Each replacement shares the original parameters, so optimizers, tied weights and state_dict keys
     keep working. With ``fuse_activations``, an ``nn.Linear`` directly followed inside an
-    ``nn.Sequential`` by ``nn.ReLU``, ``nn.GELU`` (either approximation) or ``nn.SiLU`` becomes one
-    fused layer, and the activation module is replaced by ``nn.Identity`` (indices, and so
+    ``nn.Sequential`` by a module the activation table lists (``nn.ReLU``, ``nn.GELU`` with either
+    approximation, ``nn.SiLU``; exact types only) becomes one fused layer, and the activation module is replaced by ``nn.Identity`` (indices, and so
     state_dict keys, stay the same). Subclasses of nn.Linear (fusedad's own included) are left alone,
     as are forward hooks registered on the replaced modules (they are not carried over).
 
@@ -40,6 +40,6 @@ def convert(model, fuse_activations=True):
             layer, act_module = model._modules[first], model._modules[second]
             act = activations.from_module(act_module)
             if type(layer) is Linear and layer.activation is None and act is not None:
-                layer.activation = act
+                layer.activation = act.name
                 model._modules[second] = torch.nn.Identity()
     return model

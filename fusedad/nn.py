@@ -14,7 +14,7 @@ class Linear(torch.nn.Linear):
 
     Args:
         in_features, out_features, bias, device, dtype: as ``torch.nn.Linear``.
-        activation: None, "relu", "gelu", "gelu_tanh" or "silu", applied in the GEMM epilogue.
+        activation: None or a name of ``fusedad.ACTIVATIONS``, applied in the GEMM epilogue.
         accumulate_main_grad: keep an fp32 ``weight.main_grad`` (allocated on first use) into which the
             backward kernel adds dW, as Megatron does for bf16 parameters; ``weight.grad`` then stays
             None. Zero it yourself between optimizer steps (``layer.weight.main_grad.zero_()``). Refused
@@ -27,7 +27,7 @@ class Linear(torch.nn.Linear):
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, activation=None,
                  accumulate_main_grad=False):
-        activations.check_activation(activation)
+        activations.lookup(activation)  # an unknown name fails here, at construction
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation = activation
         self.accumulate_main_grad = accumulate_main_grad

@@ -5,14 +5,15 @@
         -> (grad_x (M,K), grad_w (N,K), grad_b (N,))
 
 z is (M, N) when ``store_preact`` else an empty (0,) tensor; a gradient not asked for comes back as
-an empty (0,) tensor (custom-op outputs cannot be None). ``activation`` is "none", "relu", "gelu",
-"gelu_tanh" or "silu".
+an empty (0,) tensor (custom-op outputs cannot be None). ``activation`` is an activation table name,
+"none" for no activation.
 
 They are ``triton_op``s: on CUDA the body launches our kernels through ``wrap_triton``, so Inductor sees
 (and schedules) the real Triton kernels; on other devices the body is the eager path, which Inductor
-compiles as ordinary ops. ``fusedad.functional.linear`` routes here only while torch.compile traces
-(``torch.compiler.is_compiling()``): in eager mode the autograd Function launches the kernels
-directly, because a custom-op call costs tens of µs of dispatcher overhead (GUIDE §6).
+compiles as ordinary ops (``backend.select(..., in_graph=True)`` decides). ``fusedad.functional.linear``
+routes here only while torch.compile traces: in eager mode the autograd Function launches the kernels
+directly, because crossing the custom-op dispatcher costs tens of µs per call (measured elsewhere at
+~85 µs per call for a comparable op; ``python -m bench.overhead`` measures what fusedad adds).
 
 Double backward and forward-mode AD are not registered for these ops: under torch.compile use first
 order reverse mode (eager mode has all three).
@@ -20,24 +21,21 @@ order reverse mode (eager mode has all three).
 import torch
 from torch.library import triton_op, wrap_triton
 
-from . import activations, eager
-from .kernels import linear as kernels
+from . import activations, backend, derivatives
 
 
-def _act(name):
-    return None if name == "none" else name
+def _in_graph(device):
+    """The backend for a custom op's body, and the extra launch arguments it takes there."""
+    chosen = backend.select(device, in_graph=True)
+    return chosen, ({"wrap": wrap_triton} if chosen.runs_kernels else {})
 
 
 @triton_op("fusedad::linear_fwd", mutates_args=())
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
                store_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    act = _act(activation)
-    if x.device.type == "cuda" and not kernels.INTERPRETER:
-        y, z, _, _ = kernels.linear_forward(x, weight, bias, activations.check_activation(act),
-                                            store_preact=store_preact, wrap=wrap_triton)
-    else:
-        y, z, _, _ = eager.linear_forward(x, weight, bias, act, store_preact=store_preact)
-        y = y.clone() if y is z else y  # outputs must not alias (activation "none")
+    chosen, extra = _in_graph(x.device)
+    y, z, _, _ = chosen.forward(x, weight, bias, activations.lookup(activation), store_preact=store_preact, **extra)
+    y = y.clone() if y is z else y  # outputs must not alias (no activation, eager path)
     return y, (z if z is not None else x.new_empty(0))
 
 
@@ -45,12 +43,9 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def linear_bwd(grad_y: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None,
                saved: torch.Tensor | None, activation: str, need_x: bool, need_weight: bool,
                need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    act = _act(activation)
-    if grad_y.device.type == "cuda" and not kernels.INTERPRETER:
-        dx, dw, db = kernels.linear_backward(grad_y, x, weight, saved, activations.check_activation(act),
-                                             need_x, need_weight, need_bias, wrap=wrap_triton)
-    else:
-        dx, dw, db = eager.linear_backward(grad_y, x, weight, saved, act, need_x, need_weight, need_bias)
+    chosen, extra = _in_graph(grad_y.device)
+    dx, dw, db = chosen.backward(grad_y, x, weight, saved, activations.lookup(activation), need_x, need_weight,
+                                 need_bias, **extra)
     empty = grad_y.new_empty(0)
     return (dx if dx is not None else empty.clone(), dw if dw is not None else empty.clone(),
             db if db is not None else empty)
@@ -59,18 +54,25 @@ def linear_bwd(grad_y: torch.Tensor, x: torch.Tensor | None, weight: torch.Tenso
 def _setup_fwd(ctx, inputs, output):
     x, weight, bias, activation, store_preact = inputs
     y, z = output
-    ctx.activation = activation
-    ctx.recompute_preact = activation in activations.SMOOTH and not store_preact
-    saved = y if activation == "relu" else (z if activation in activations.SMOOTH else None)
-    ctx.save_for_backward(x, weight, bias if ctx.recompute_preact else None, saved)
+    act = activations.lookup(activation)
+    need_x, need_w = ctx.needs_input_grad[:2]
+    ctx.activation = act.op_name
+    # The op was told no backward would come (store_preact False) but one does: recompute z = x·Wᵀ + b.
+    ctx.recompute_preact = act.needs_z and not store_preact
+    if ctx.recompute_preact:
+        ctx.save_for_backward(x, weight, bias, None)
+    else:
+        ctx.save_for_backward(*derivatives.saved_for_backward(act, need_x, need_w, x, weight, y, z), None)
     ctx.mark_non_differentiable(z)
 
 
 def _backward_fwd(ctx, grad_y, grad_z):
-    x, weight, bias, saved = ctx.saved_tensors
-    if ctx.recompute_preact:  # the forward was told no backward would come: z = x·Wᵀ + b again
-        saved, _ = torch.ops.fusedad.linear_fwd(x, weight, bias, "none", False)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if ctx.recompute_preact:
+        x, weight, bias, _ = ctx.saved_tensors
+        saved, _ = torch.ops.fusedad.linear_fwd(x, weight, bias, "none", False)
+    else:
+        x, weight, saved, _ = ctx.saved_tensors
     dx, dw, db = torch.ops.fusedad.linear_bwd(grad_y, x if need_w else None, weight if need_x else None, saved,
                                               ctx.activation, need_x, need_w, need_b)
     return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None
@@ -79,8 +81,7 @@ def _backward_fwd(ctx, grad_y, grad_z):
 linear_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
 
 
-def linear(x, weight, bias, activation):
+def linear(x, weight, bias, act):
     """act(x·weightᵀ + bias) through the custom ops: x (M, K), weight (N, K), bias (N,) | None -> (M, N)."""
-    y, _ = torch.ops.fusedad.linear_fwd(x, weight, bias, activation or "none",
-                                        activation in activations.SMOOTH and torch.is_grad_enabled())
+    y, _ = torch.ops.fusedad.linear_fwd(x, weight, bias, act.op_name, act.needs_z and torch.is_grad_enabled())
     return y

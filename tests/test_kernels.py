@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from conftest import ACTS, DEVICES, DTYPES, assert_matches, randn, reference_linear, run_isolated, runs_kernels
-from fusedad.kernels import (ACTIVATION_IDS, force_int64, linear_backward, linear_forward, needs_int64,
+from fusedad.kernels import (force_int64, linear_backward, linear_forward, needs_int64,
                              record_launches)
 from fusedad.kernels.gemm import _cast
 from fusedad.kernels.linear import INTERPRETER
@@ -37,9 +37,9 @@ def test_forward_backward_every_activation_and_dtype(device, dtype, act):
     _needs_kernels(device)
     M, K, N = 19, 23, 13  # primes: every tile edge is masked
     x, w, b, dy = (randn(*s, dtype=dtype, device=device) for s in ((M, K), (N, K), (N,), (M, N)))
-    y, z, _, _ = linear_forward(x, w, b, ACTIVATION_IDS[act], store_preact=True)
+    y, z, _, _ = linear_forward(x, w, b, act, store_preact=True)
     saved = y if act == "relu" else z
-    dx, dw, db = linear_backward(dy, x, w, saved, ACTIVATION_IDS[act], True, True, True)
+    dx, dw, db = linear_backward(dy, x, w, saved, act, True, True, True)
     ref64, ref = _references(x, w, b, act, dy)
     for name, got, r64, r in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), ref64, ref):
         assert got.dtype == dtype
@@ -52,8 +52,8 @@ def test_forward_backward_every_activation_and_dtype(device, dtype, act):
 def test_no_bias(device, act):
     _needs_kernels(device)
     x, w, dy = randn(7, 33, device=device), randn(40, 33, device=device), randn(7, 40, device=device)
-    y, z, _, _ = linear_forward(x, w, None, ACTIVATION_IDS[act], store_preact=act is not None)
-    dx, dw, db = linear_backward(dy, x, w, z, ACTIVATION_IDS[act], True, True, False)
+    y, z, _, _ = linear_forward(x, w, None, act, store_preact=act is not None)
+    dx, dw, db = linear_backward(dy, x, w, z, act, True, True, False)
     assert db is None
     ref64, ref = _references(x, w, torch.zeros(40, device=device), act, dy)
     for got, r64, r in zip((y, dx, dw), ref64, ref):
@@ -79,8 +79,8 @@ def test_any_strides_without_copies(device, how):
     _needs_kernels(device)
     x, w, b, dy = _strided_operands(device, how)
     with record_launches() as log:
-        y, z, _, _ = linear_forward(x, w, b, ACTIVATION_IDS["silu"], store_preact=True)
-        dx, dw, db = linear_backward(dy, x, w, z, ACTIVATION_IDS["silu"], True, True, True)
+        y, z, _, _ = linear_forward(x, w, b, "silu", store_preact=True)
+        dx, dw, db = linear_backward(dy, x, w, z, "silu", True, True, True)
     fwd, bwd = log
     # The kernels got the views themselves (no .contiguous() copy on the way), with their strides.
     assert all(any(a is t for a in fwd.args) for t in (x, w, b))
@@ -98,9 +98,9 @@ def test_only_requested_gradients_are_computed(device, need):
     _needs_kernels(device)
     M, K, N = 40, 24, 36
     x, w, dy = randn(M, K, device=device), randn(N, K, device=device), randn(M, N, device=device)
-    y, _, _, _ = linear_forward(x, w, None, ACTIVATION_IDS["relu"])
+    y, _, _, _ = linear_forward(x, w, None, "relu")
     with record_launches() as log:
-        dx, dw, db = linear_backward(dy, x, w, y, ACTIVATION_IDS["relu"], *need)
+        dx, dw, db = linear_backward(dy, x, w, y, "relu", *need)
     assert [l.kernel for l in log] == ["linear_bwd"]
     flags = log[0].flags
     assert (flags["COMPUTE_DX"], flags["COMPUTE_DW"], flags["COMPUTE_DB"]) == need
@@ -119,7 +119,7 @@ def test_one_launch_for_dx_dw_db(device):
     _needs_kernels(device)
     x, w, dy = randn(33, 17, device=device), randn(21, 17, device=device), randn(33, 21, device=device)
     with record_launches() as log:
-        linear_backward(dy, x, w, None, 0, True, True, True)
+        linear_backward(dy, x, w, None, None, True, True, True)
     assert len(log) == 1 and log[0].flags["COMPUTE_DX"] and log[0].flags["COMPUTE_DW"]
 
 
@@ -129,8 +129,8 @@ def test_empty_dimensions(device, shape):
     M, K, N = shape
     x, w, b, dy = randn(M, K, device=device), randn(N, K, device=device), randn(N, device=device), randn(
         M, N, device=device)
-    y, z, _, _ = linear_forward(x, w, b, ACTIVATION_IDS["gelu"], store_preact=True)
-    dx, dw, db = linear_backward(dy, x, w, z, ACTIVATION_IDS["gelu"], True, True, True)
+    y, z, _, _ = linear_forward(x, w, b, "gelu", store_preact=True)
+    dx, dw, db = linear_backward(dy, x, w, z, "gelu", True, True, True)
     ref64, ref = _references(x, w, b, "gelu", dy)
     for got, r in zip((y, dx, dw, db), ref64):
         assert got.shape == r.shape
@@ -173,7 +173,7 @@ def test_forward_mode_tangents_in_the_same_launch(device, K):
     xt, wt, bt = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
     for act in ACTS:
         with record_launches() as log:
-            y, z, yt, zt = linear_forward(x, w, b, ACTIVATION_IDS[act], store_preact=True, x_tangent=xt,
+            y, z, yt, zt = linear_forward(x, w, b, act, store_preact=True, x_tangent=xt,
                                           weight_tangent=wt, bias_tangent=bt, store_preact_tangent=True)
         assert len(log) == 1
         y_ref, yt_ref = torch.func.jvp(lambda x, w, b: reference_linear(x, w, b, act), (x, w, b), (xt, wt, bt))
@@ -220,7 +220,7 @@ def huge_stride_case(device, layout):
     dy = _huge_view((M, N), {"m_rows": (big, 1), "n_cols": (1, big)}.get(layout, (N, 1)), f16, device)
     with record_launches() as log:
         y, _, _, _ = linear_forward(x, w)
-        dx, dw, _ = linear_backward(dy, x, w, None, 0, True, True, False)
+        dx, dw, _ = linear_backward(dy, x, w, None, None, True, True, False)
     assert all(l.flags["INT64"] for l in log)
     if layout != "rows":  # each K-loop step moves BLOCK_K·(2²⁵+8) ≥ 2³¹ elements
         assert all(l.flags["BLOCK_K"] * big >= 2**31 for l in log)
@@ -241,8 +241,8 @@ def test_int64_path_on_small_tensors(device):
     _needs_kernels(device)
     x, w, b, dy = (randn(*s, device=device) for s in ((70, 130), (72, 130), (72,), (70, 72)))
     with force_int64(), record_launches() as log:
-        y, z, _, _ = linear_forward(x, w, b, ACTIVATION_IDS["gelu"], store_preact=True)
-        dx, dw, db = linear_backward(dy, x, w, z, ACTIVATION_IDS["gelu"], True, True, True)
+        y, z, _, _ = linear_forward(x, w, b, "gelu", store_preact=True)
+        dx, dw, db = linear_backward(dy, x, w, z, "gelu", True, True, True)
     assert [l.flags["INT64"] for l in log] == [True, True]
     ref64, ref = _references(x, w, b, "gelu", dy)
     for name, got, r64, r in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), ref64, ref):
@@ -254,11 +254,11 @@ def test_weight_grad_accumulates_into_fp32_main_grad(device):
     _needs_kernels(device)
     M, K, N = 21, 18, 12
     x, w, dy = (randn(*s, dtype=torch.bfloat16, device=device) for s in ((M, K), (N, K), (M, N)))
-    y, z, _, _ = linear_forward(x, w, None, ACTIVATION_IDS["gelu"], store_preact=True)
+    y, z, _, _ = linear_forward(x, w, None, "gelu", store_preact=True)
     start = randn(N, K, device=device)
     main_grad = start.clone()
     with record_launches() as log:
-        dx, dw, _ = linear_backward(dy, x, w, z, ACTIVATION_IDS["gelu"], True, True, False,
+        dx, dw, _ = linear_backward(dy, x, w, z, "gelu", True, True, False,
                                     weight_grad_out=main_grad)
     assert dw is main_grad and log[0].flags["ACCUMULATE_DW"]
     ref64, ref = _references(x, w, torch.zeros(N, dtype=torch.bfloat16, device=device), "gelu", dy)
@@ -276,13 +276,13 @@ def test_every_kernel_path_over_several_k_blocks(device):
     xt, wt, bt = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
     act = "gelu_tanh"
     with record_launches() as log:
-        y, z, _, _ = linear_forward(x, w, b, ACTIVATION_IDS[act], store_preact=True)
-        y2, _, yt, _ = linear_forward(x, w, b, ACTIVATION_IDS[act], x_tangent=xt, weight_tangent=wt,
+        y, z, _, _ = linear_forward(x, w, b, act, store_preact=True)
+        y2, _, yt, _ = linear_forward(x, w, b, act, x_tangent=xt, weight_tangent=wt,
                                       bias_tangent=bt)
-        dx, dw, db = linear_backward(dy, x, w, z, ACTIVATION_IDS[act], True, True, True)
+        dx, dw, db = linear_backward(dy, x, w, z, act, True, True, True)
         start = randn(N, K, device=device)
         main_grad = start.clone()
-        linear_backward(dy, x, w, z, ACTIVATION_IDS[act], False, True, False, weight_grad_out=main_grad)
+        linear_backward(dy, x, w, z, act, False, True, False, weight_grad_out=main_grad)
     for l in log:
         assert l.flags["BLOCK_K"] < min(M, N, K) // 1, l  # at least two K blocks in every product
     ref64, ref = _references(x, w, b, act, dy)
@@ -356,7 +356,7 @@ def test_frozen_weight_programs_run_no_dot(device, need, monkeypatch):
     x, w, dy = randn(M, K, device=device), randn(N, K, device=device), randn(M, N, device=device)
     calls = _count_dots(monkeypatch)
     with record_launches() as log:
-        linear_backward(dy, x, w, None, ACTIVATION_IDS[None], *need)
+        linear_backward(dy, x, w, None, None, *need)
     f = log[0].flags
     bm, bn, bk = f["BLOCK_M"], f["BLOCK_N"], f["BLOCK_K"]
     dots_dx = -(-M // bm) * -(-K // bn) * -(-N // bk) if need[0] else 0  # tiles × K-loop steps (over N)

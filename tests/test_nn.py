@@ -1,4 +1,5 @@
-"""``fusedad.nn.Linear`` and ``fusedad.convert``: drop-in behaviour, and the seed's own examples."""
+"""``fusedad.nn.Linear`` and ``fusedad.convert``: drop-in behaviour, and the examples of the autodiff lecture
+this project grew from (Net2 with a frozen layer, the backward identities, the three grad modes)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -103,10 +104,10 @@ def test_convert_nested_models_and_bare_linear(device):
     assert type(converted) is fusedad.nn.Linear and converted.weight is bare.weight
 
 
-# ---- the seed's examples ----------------------------------------------------------------------------
+# ---- the lecture's examples ----------------------------------------------------------------------------
 
 class Net2(nn.Module):
-    """The seed's Net2 (4 → 3 → 1 with ReLU), built from a Linear class without bias."""
+    """The lecture's Net2 (4 → 3 → 1 with ReLU), built from a Linear class without bias."""
 
     def __init__(self, linear):
         super().__init__()

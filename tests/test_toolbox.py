@@ -20,10 +20,12 @@ def _f64(*shapes, device, requires_grad=True):
     return [randn(*s, dtype=torch.float64, device=device, requires_grad=requires_grad) for s in shapes]
 
 
-def _off_relu_kink(x, w, b):
-    """Shift b so that |x·wᵀ + b| ≥ 0.1: finite differences then never straddle relu's kink."""
-    with torch.no_grad():
-        b += torch.where(F.linear(x, w, b).abs().min(0).values < 0.1, 0.5, 0.0)
+def _off_kink(x, w, b, act):
+    """Shift b so that |x·wᵀ + b| ≥ 0.1 for relu-like activations: finite differences then never
+    straddle the kink at 0."""
+    if act in ("relu", "relu2"):
+        with torch.no_grad():
+            b += torch.where(F.linear(x, w, b).abs().min(0).values < 0.1, 0.5, 0.0)
     return b
 
 
@@ -134,11 +136,7 @@ def test_autocast_behaves_like_nn_linear(device, dtype):
 
 @pytest.mark.parametrize("act", ACTS)
 def test_gradcheck_forward_ad(device, act):
-    x, w, b = _f64((3, 5), (4, 5), (4,), device=device)
-    if act == "relu":
-        _off_relu_kink(x, w, b)
-    assert torch.autograd.gradcheck(lambda x, w, b: fusedad.linear(x, w, b, act), (x, w, b), check_forward_ad=True,
-                                    check_backward_ad=False, check_undefined_grad=False, check_batched_grad=False)
+    assert fusedad.testing.forward_ad_check(fusedad.linear, act, device=device)
 
 
 def test_forward_ad_primal_and_tangent_in_one_launch(device):
@@ -150,7 +148,7 @@ def test_forward_ad_primal_and_tangent_in_one_launch(device):
         primal, tangent = fwAD.unpack_dual(y)
     if runs_kernels(device):
         assert [(l.kernel, l.flags["HAS_XT"], l.flags["HAS_WT"], l.flags["HAS_BT"]) for l in log] == [
-            ("linear_fwd", True, True, False)]
+            ("linear_fwd_tangent", True, True, False)]
     y_ref, yt_ref = torch.func.jvp(lambda x, w: reference_linear(x, w, b, "gelu"), (x, w), (xt, wt))
     torch.testing.assert_close(primal, y_ref)
     torch.testing.assert_close(tangent, yt_ref)
@@ -215,19 +213,15 @@ def test_func_vmap_over_inputs_and_over_weights(device):
 
 @pytest.mark.parametrize("act", ACTS)
 def test_gradgradcheck(device, act):
-    x, w, b = _f64((2, 3), (3, 3), (3,), device=device)
-    if act == "relu":
-        _off_relu_kink(x, w, b)
-    assert torch.autograd.gradgradcheck(lambda x, w, b: fusedad.linear(x, w, b, act), (x, w, b))
+    assert fusedad.testing.gradgradcheck(fusedad.linear, act, device=device)
 
 
-@pytest.mark.parametrize("act", ["gelu", "silu", "relu"])
+@pytest.mark.parametrize("act", ["gelu", "silu", "relu", "relu2"])
 def test_double_backward_with_gradients_into_y_and_z(device, act):
     """loss = ‖y‖² + ‖∂(Σy)/∂x‖²: the second backward sends gradients into y (from ‖y‖²) and into the
     saved pre-activation z (through the first backward's act'(z)) of the same node, in one pass."""
     x, w, b = _f64((4, 5), (3, 5), (3,), device=device)
-    if act == "relu":
-        _off_relu_kink(x, w, b)
+    _off_kink(x, w, b, act)
     results = []
     for f in (fusedad.linear, reference_linear):
         y = f(x, w, b, act)

@@ -1,0 +1,155 @@
+"""Check a linear kernel the way fusedad's own suite checks its kernels.
+
+Everything here takes any ``linear(x, w, b)``-like callable (``fusedad.linear`` by default), so you can
+verify your own fused linear against float64 and eager PyTorch references:
+
+    import torch, fusedad.testing as ft
+
+    x = torch.randn(64, 128, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(96, 128, dtype=torch.bfloat16, requires_grad=True)
+    ft.check_against_references(x, w, None, "gelu", dy=torch.randn(64, 96, dtype=torch.bfloat16),
+                                fused=my_linear)            # my_linear(x, w, b, activation)
+    ft.gradcheck(my_linear, activation="silu")              # finite differences, float64
+    ft.gradgradcheck(my_linear, activation="silu")          # second order
+    ft.forward_ad_check(my_linear, activation="silu")       # forward mode (jvp)
+    with ft.poison_outputs():                               # fusedad's kernels fill outputs with NaN first
+        ...
+
+The tolerance rule (``assert_matches``): measured against a float64 reference, the result's relative
+error ‖out − ref‖/‖ref‖ may be at most twice eager PyTorch's error in the same dtype plus a small floor
+per dtype. A fused kernel may be more accurate than eager (it rounds once), never much less.
+"""
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import activations
+from .functional import linear as _fused_linear
+from .kernels import linear as _kernel_launchers
+
+#: The floor of the rule, per dtype: ~4 units of rounding for fp16 (2⁻¹¹) and ~2.5 for bf16 (2⁻⁸). The
+#: floor matters for tiny outputs (a 1-element db after cancelling sums), where which of two correct
+#: roundings is closer is luck: with fp16 5e-4 a fuzz run found db = Σ dZ over 102 rows at 3.3e-3
+#: against eager's lucky 8e-4, while in 20 fresh draws of that case ours was never worse than eager
+#: (1e-4…1.6e-3 vs 1e-4…2.4e-2). Measured 2026-11-26 on the CPU interpreter (torch 2.13, triton 3.9)
+#: with FUSEDAD_HYPOTHESIS_EXAMPLES=600 pytest tests/test_hardening.py.
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(out, ref):
+    """‖out − ref‖ / ‖ref‖ in float64 (the absolute norm when ref is all zeros); NaN if the shapes differ
+    or any value is not finite, so NaN never passes a ``<=`` test."""
+    if out is None or ref is None:
+        return 0.0 if out is None and ref is None else math.nan
+    if out.shape != ref.shape:
+        return math.nan
+    o, r = out.detach().double(), ref.detach().double()
+    if not (torch.isfinite(o).all() and torch.isfinite(r).all()):
+        return math.nan
+    ref_norm = torch.linalg.vector_norm(r).item()
+    diff = torch.linalg.vector_norm(o - r).item()
+    return diff / ref_norm if ref_norm > 0 else diff
+
+
+def assert_matches(out, ref64, eager, what="", nan_as_reference=False):
+    """Assert rel_err(out, ref64) ≤ 2·rel_err(eager, ref64) + FLOOR[out.dtype].
+
+    out: the result under test; ref64: the same computed in float64; eager: eager PyTorch in out's dtype.
+    nan_as_reference: the inputs held NaNs on purpose: out and eager must have NaN exactly where ref64
+    has, and the rule applies to the other elements.
+    """
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    if nan_as_reference:
+        nan = ref64.isnan()
+        assert torch.equal(out.isnan(), nan), f"{what}: NaN positions differ from the fp64 reference"
+        assert torch.equal(eager.isnan(), nan), f"{what}: eager's NaN positions differ (bad reference)"
+        out, ref64, eager = out[~nan], ref64[~nan], eager[~nan]
+    assert torch.isfinite(out.detach()).all(), f"{what}: non-finite values (an unwritten output, or overflow)"
+    err, eager_err = rel_err(out, ref64), rel_err(eager, ref64)
+    bound = 2 * eager_err + FLOOR[out.dtype]
+    assert err <= bound, f"{what}: rel. error {err:.3e} > bound {bound:.3e} (eager {eager_err:.3e}, {out.dtype})"
+
+
+def reference_linear(x, w, b, activation=None):
+    """act(x·wᵀ + b) with PyTorch's own ops, in the tensors' dtype (autograd-capable)."""
+    return activations.lookup(activation).apply(F.linear(x, w, b))
+
+
+def check_against_references(x, w, b, activation=None, dy=None, fused=_fused_linear, context="",
+                             nan_as_reference=False):
+    """Forward (and, with dy, every gradient that is required) of ``fused`` vs float64 and eager references.
+
+    x: (*, K), w: (N, K), b: (N,) or None, in the dtype under test; their ``requires_grad`` chooses
+    the gradients checked. dy: (*, N). fused(x, w, b, activation) -> (*, N). Returns fused's output.
+    """
+    leaves = [t for t in (x, w, b) if t is not None]
+    y = fused(x, w, b, activation)
+    as64 = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    ase = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+    x64, w64, b64 = as64 + [None] * (3 - len(as64))
+    xe, we, be = ase + [None] * (3 - len(ase))
+    y64 = reference_linear(x64, w64, b64, activation)
+    ye = reference_linear(xe, we, be, activation)
+    assert y.dtype == x.dtype and y.shape == ye.shape, f"{context}: {y.dtype} {tuple(y.shape)}"
+    assert_matches(y, y64, ye, f"forward ({activation}) {context}", nan_as_reference)
+    wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
+    if dy is None or not wanted:
+        return y
+    grads = torch.autograd.grad(y, [leaves[i] for i in wanted], dy)
+    grads64 = torch.autograd.grad(y64, [as64[i] for i in wanted], dy.double())
+    grads_e = torch.autograd.grad(ye, [ase[i] for i in wanted], dy)
+    for i, g, g64, ge in zip(wanted, grads, grads64, grads_e):
+        assert g.dtype == leaves[i].dtype
+        assert_matches(g, g64, ge, f"grad of {['input', 'weight', 'bias'][i]} ({activation}) {context}",
+                       nan_as_reference)
+    return y
+
+
+@contextlib.contextmanager
+def poison_outputs():
+    """Inside the block, fusedad's kernel launchers fill every output with NaN before the kernel writes
+    it, so an element a kernel forgot reads NaN (and fails ``assert_matches``). The test suite keeps this
+    on throughout (``FUSEDAD_POISON_OUTPUTS=1``)."""
+    before = _kernel_launchers.POISON_OUTPUTS
+    _kernel_launchers.POISON_OUTPUTS = True
+    try:
+        yield
+    finally:
+        _kernel_launchers.POISON_OUTPUTS = before
+
+
+def _float64_inputs(activation, shape, device):
+    """x (M, K), w (N, K), b (N,) in float64 requiring grad; for relu-like activations |x·wᵀ + b| ≥ 0.1,
+    so a finite-difference step never crosses the kink at 0."""
+    M, K, N = shape
+    x, w, b = (torch.randn(*s, dtype=torch.float64, device=device, requires_grad=True) for s in ((M, K), (N, K), (N,)))
+    act = activations.lookup(activation)
+    if act.name is not None and act.apply(torch.tensor(-1.0, dtype=torch.float64)) == 0:  # flat for z < 0
+        with torch.no_grad():
+            b += torch.where(F.linear(x, w, b).abs().min(0).values < 0.1, 0.5, 0.0)
+    return x, w, b
+
+
+def gradcheck(linear=_fused_linear, activation=None, shape=(3, 5, 4), device="cpu", **kwargs):
+    """``torch.autograd.gradcheck`` of linear(x, w, b, activation) on fresh float64 inputs.
+
+    shape: (M, K, N). kwargs go to torch.autograd.gradcheck. Returns True or raises its GradcheckError.
+    """
+    inputs = _float64_inputs(activation, shape, device)
+    return torch.autograd.gradcheck(lambda x, w, b: linear(x, w, b, activation), inputs, **kwargs)
+
+
+def gradgradcheck(linear=_fused_linear, activation=None, shape=(2, 3, 3), device="cpu", **kwargs):
+    """``torch.autograd.gradgradcheck`` (second derivatives) of linear(x, w, b, activation), float64."""
+    inputs = _float64_inputs(activation, shape, device)
+    return torch.autograd.gradgradcheck(lambda x, w, b: linear(x, w, b, activation), inputs, **kwargs)
+
+
+def forward_ad_check(linear=_fused_linear, activation=None, shape=(3, 5, 4), device="cpu", **kwargs):
+    """Forward-mode AD (jvp) of linear(x, w, b, activation) against finite differences, float64."""
+    inputs = _float64_inputs(activation, shape, device)
+    kwargs = dict(dict(check_forward_ad=True, check_backward_ad=False, check_undefined_grad=False,
+                       check_batched_grad=False), **kwargs)
+    return torch.autograd.gradcheck(lambda x, w, b: linear(x, w, b, activation), inputs, **kwargs)
