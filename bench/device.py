@@ -3,7 +3,6 @@ import datetime
 import platform
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +10,10 @@ from pathlib import Path
 import torch
 import triton
 
-from .plan import DTYPE_NAMES
+from .plan import CPU_TIMING_NOTE, DTYPE_NAMES
 
-#: Peak GEMM size: 8192³ is large enough that cuBLAS runs at its best (GUIDE §5: 785 TFLOP/s bf16 on
-#: an H200); the copy moves 1 GiB each way, far beyond L2, so it measures HBM bandwidth.
+#: Peak GEMM size: 8192³ is large enough that cuBLAS runs at its best (785 TFLOP/s bf16 on an H200,
+#: torch 2.11); the copy moves 1 GiB each way, far beyond L2, so it measures HBM bandwidth.
 PEAK_GEMM_N = 8192
 PEAK_COPY_BYTES = 2**30
 
@@ -28,8 +27,6 @@ def _run(cmd):
 
 def nvidia_driver():
     """Driver version from nvidia-smi, or None where there is no nvidia-smi."""
-    if shutil.which("nvidia-smi") is None:
-        return None
     out = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     return out.splitlines()[0].strip() if out else None
 
@@ -85,7 +82,7 @@ def environment(plan, argv, fusedad_backend):
         "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "run_label": plan.label,
         "performance_figures": plan.is_performance_run,
-        "timing_note": None if plan.is_performance_run else "cpu-interpreter (not a performance figure)",
+        "timing_note": None if plan.is_performance_run else CPU_TIMING_NOTE,
     }
 
 
