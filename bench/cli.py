@@ -12,7 +12,9 @@ import textwrap
 import time
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Default output folder, git-ignored: running the benchmark leaves the checkout as it was. Results worth
+#: keeping are written with ``--out bench/results/<name>`` and committed on purpose.
+OUT_DIR = Path(__file__).resolve().parent / "out"
 
 DESCRIPTION = """\
 Benchmark fusedad's fused Linear(+activation) kernels against eager PyTorch (nn.Linear + activation
@@ -34,7 +36,7 @@ timings are labelled "cpu-interpreter (not a performance figure)".
 """
 
 EPILOG = """\
-outputs: a console table, and in bench/results/<YYYY-MM-DD>-<device>[-quick]/ (or --out DIR):
+outputs: a console table, and in bench/out/<YYYY-MM-DD>-<device>[-quick]/ (git-ignored) or --out DIR:
   results.json (every figure, the plan and the environment: card, driver, versions, command line),
   results.md (tables), PNG plots (modes, speedup vs eager, roofline/% of peak, memory, correctness).
 exit status: 1 if any fusedad row is FAIL or ERROR, else 0.
@@ -86,7 +88,7 @@ def build_parser():
     p.add_argument("--rep-ms", type=float, metavar="MS",
                    help="do_bench timing window per implementation per round, CUDA (default: 25 full, 10 quick)")
     _add_device(p)
-    p.add_argument("--out", metavar="DIR", help="write results here instead of bench/results/<date>-<device>/")
+    p.add_argument("--out", metavar="DIR", help="write results here instead of bench/out/<date>-<device>[-quick]/")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for every case (default 0)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -129,7 +131,7 @@ def plan_from_args(args, device):
 
 
 def default_out_dir(env, quick, slug):
-    return RESULTS_DIR / f"{env['date'][:10]}-{slug}{'-quick' if quick else ''}"
+    return OUT_DIR / f"{env['date'][:10]}-{slug}{'-quick' if quick else ''}"
 
 
 def run(plan, argv=(), out_dir=None, progress=True, plots=True, log=print):

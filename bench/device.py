@@ -46,7 +46,7 @@ def device_name(device):
 
 def device_slug(device, fusedad_backend):
     """Folder-name part: the card ("NVIDIA H200" -> "h200", "NVIDIA H100 80GB HBM3" -> "h100-80gb-hbm3"),
-    or "cpu-<backend>" (CPU folders must contain "cpu": .gitignore drops them)."""
+    or "cpu-<backend>"."""
     if device != "cuda":
         return "cpu-" + fusedad_backend.replace("triton-", "")
     name = re.sub(r"^nvidia\s+", "", torch.cuda.get_device_name().lower())

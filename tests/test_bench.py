@@ -1,10 +1,11 @@
 """The benchmark harness's CPU path (``python -m bench``).
 
 One real ``python -m bench --quick --device cpu --plant-mismatch`` run (module fixture, ~20 s: kernels
-in Triton's interpreter) checks the files it writes and that a planted wrong implementation is FAIL and
-never timed; the rest call the suite API with fakes or synthetic rows (milliseconds each), including the
-CUDA-only report and plot paths that a CPU run never reaches, and a suite defined here, which must reach
-the CLI, the report and the plots through the registry alone.
+in Triton's interpreter) checks the files it writes, that it writes nothing else into the checkout, and
+that a planted wrong implementation is FAIL and never timed; the rest call the suite API with fakes or
+synthetic rows (milliseconds each), including the CUDA-only report and plot paths that a CPU run never
+reaches, and a suite defined here, which must reach the CLI, the report and the plots through the
+registry alone.
 """
 import json
 import math
@@ -35,14 +36,44 @@ def _strict_json(path):
     return json.loads(Path(path).read_text(), parse_constant=reject)
 
 
+def _git(*args):
+    """git's output in the checkout, or None where there is no git checkout (e.g. an unpacked sdist)."""
+    try:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-quick")
     cmd = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--out", str(out), "--plant-mismatch",
            "--no-progress"]
+    status_before = _git("status", "--porcelain")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert (out / "results.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc.git_status = (status_before, _git("status", "--porcelain"))
     return proc, out, _strict_json(out / "results.json")
+
+
+def test_quick_run_leaves_the_checkout_as_it_was(quick_run):
+    """Nothing tracked is modified and nothing untracked appears (the run writes only to its --out)."""
+    before, after = quick_run[0].git_status
+    if before is None:
+        pytest.skip("not a git checkout")
+    assert after == before
+
+
+def test_default_output_folder_is_git_ignored():
+    """Without --out, results go to bench/out/<date>-<device>[-quick]/, which git ignores: running the
+    README's command leaves `git status` clean; results worth keeping are committed with --out."""
+    env = {"date": "2026-11-26T10:00:00+00:00"}
+    dirs = [cli.default_out_dir(env, True, "cpu-interpreter"), cli.default_out_dir(env, False, "h100-80gb-hbm3")]
+    assert dirs[0].parent == REPO / "bench" / "out" and dirs[0].name == "2026-11-26-cpu-interpreter-quick"
+    if _git("rev-parse", "--git-dir") is None:
+        pytest.skip("not a git checkout")
+    for d in dirs:
+        assert _git("check-ignore", "-q", str(d / "results.json")) is not None, f"{d} is not git-ignored"
 
 
 def test_quick_run_exits_0_when_fusedad_passes(quick_run):
@@ -346,9 +377,6 @@ def test_cli_help_and_options_apply_to_every_suite_that_has_the_setting():
     assert cli.plan_from_args(cli.build_parser().parse_args(["--suite", "memory"]), "cpu").suites == ("memory",)
     with pytest.raises(ValueError, match="MxKxN"):
         plan.Shape.parse("2x3")
-    out = cli.default_out_dir({"date": "2026-11-26T10:00:00+00:00"}, True, "cpu-interpreter")
-    assert out.parent == REPO / "bench" / "results" and out.name == "2026-11-26-cpu-interpreter-quick"
-    assert "/bench/results/*-cpu*/" in (REPO / ".gitignore").read_text()
 
 
 def test_a_new_suite_is_one_registration(tmp_path, monkeypatch, capsys):
