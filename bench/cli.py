@@ -48,11 +48,6 @@ examples:
 """
 
 
-def _add_device(p):
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                   help="where to run (default: cuda if available, else cpu with the Triton interpreter)")
-
-
 def build_parser():
     """The parser; imports fusedad (through the suites): call it after TRITON_INTERPRET is decided."""
     from .impls import ACTIVATIONS, PHASES
@@ -87,7 +82,8 @@ def build_parser():
                    help="interleaved timing rounds per case (default: 5 full, 3 quick; CPU 3 / 2)")
     p.add_argument("--rep-ms", type=float, metavar="MS",
                    help="do_bench timing window per implementation per round, CUDA (default: 25 full, 10 quick)")
-    _add_device(p)
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="where to run (default: cuda if available, else cpu with the Triton interpreter)")
     p.add_argument("--out", metavar="DIR", help="write results here instead of bench/out/<date>-<device>[-quick]/")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for every case (default 0)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -184,8 +180,8 @@ def fusedad_failures(rows):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(prog="python -m bench", add_help=False)
-    _add_device(pre)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", default="auto")  # its choices are checked by the full parser below
     device = resolve_device(pre.parse_known_args(argv)[0].device)
     if device == "cpu":
         # Must precede the first import of fusedad (Triton reads it when the kernels are defined).
