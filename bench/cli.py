@@ -68,14 +68,10 @@ def build_parser():
                         "CPU: fp32 bf16, and fp16 for a full run's layers)")
     p.add_argument("--activation", nargs="+", choices=ACTIVATIONS, metavar="ACT",
                    help=f"layer activations, of {', '.join(ACTIVATIONS)} (default: none gelu_tanh relu)")
-    p.add_argument("--phase", nargs="+", choices=PHASES, metavar="PHASE",
-                   help="layer phases: fwd (no_grad forward), bwd (backward only), fwd+bwd, fwd+bwd-frozenW "
-                        "(weight.requires_grad=False: no dW), jvp (forward mode: primal + tangent) "
-                        "(default: all)")
-    p.add_argument("--impl", nargs="+", choices=IMPLS, metavar="IMPL",
-                   help="implementations: eager (always run: the reference), fusedad, compile "
-                        "(torch.compile of the eager module), cublaslt (torch._addmm_activation, fwd with "
-                        "bias + relu/gelu_tanh on CUDA) (default: all that apply)")
+    p.add_argument("--phase", nargs="+", choices=list(PHASES), metavar="PHASE", help="layer phases: " + ", ".join(
+        f"{k} ({v})" for k, v in PHASES.items()) + " (default: all)")
+    p.add_argument("--impl", nargs="+", choices=list(IMPLS), metavar="IMPL", help="implementations: " + ", ".join(
+        f"{k} ({v})" for k, v in IMPLS.items()) + " (default: all that apply)")
     p.add_argument("--shape", nargs="+", metavar="MxKxN",
                    help="layer shapes instead of the preset, e.g. 8192x4096x14336 (x: M×K, weight: N×K)")
     p.add_argument("--rounds", type=int, metavar="N",

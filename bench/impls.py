@@ -20,10 +20,9 @@ ACTIVATIONS = ("none", *fusedad.ACTIVATIONS)
 ACTIVATION_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),
                       "silu": nn.SiLU}
 
-#: Layer phases. fwd: no_grad forward (the inference kernel). bwd: backward only, of a forward done
-#: once outside the timing (dX, dW, db). fwd+bwd: both. fwd+bwd-frozenW: weight.requires_grad=False,
-#: so no dW work (dX, db only). jvp: forward mode, primal + tangent of x (torch.func.jvp).
-PHASES = ("fwd", "bwd", "fwd+bwd", "fwd+bwd-frozenW", "jvp")
+#: Layer phases and what each runs (bwd: of a forward done once, outside the timing).
+PHASES = {"fwd": "no_grad forward", "bwd": "backward only: dX, dW, db", "fwd+bwd": "both",
+          "fwd+bwd-frozenW": "weight.requires_grad=False: no dW", "jvp": "forward mode: primal + tangent"}
 
 #: Net3's forward grad modes as context-manager factories; MODES adds a training step.
 GRAD_MODES = {"default": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}

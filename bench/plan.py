@@ -13,10 +13,10 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
-#: Implementations. eager: the eager PyTorch model (the reference). fusedad: fusedad.convert of it.
-#: compile: torch.compile(eager model). cublaslt: torch._addmm_activation (cuBLASLt epilogue; fwd only,
-#: bias + relu/gelu_tanh, CUDA only).
-IMPLS = ("eager", "fusedad", "compile", "cublaslt")
+#: Implementations and what each is.
+IMPLS = {"eager": "the eager PyTorch model, always run: the reference", "fusedad": "fusedad.convert of it",
+         "compile": "torch.compile of the eager model", "cublaslt": "torch._addmm_activation, cuBLASLt's fused "
+         "epilogue: CUDA, forward with bias + relu/gelu_tanh"}
 IMPL_LABELS = {"eager": "eager", "fusedad": "fusedad", "compile": "torch.compile",
                "cublaslt": "cuBLASLt epilogue", "planted-mismatch": "planted-mismatch"}
 
@@ -55,7 +55,7 @@ class Plan:
     device: str                      # "cuda" | "cpu"
     quick: bool
     settings: dict                   # suite name -> its settings (its preset, CLI overrides), in run order
-    impls: tuple                     # names from IMPLS
+    impls: tuple                     # keys of IMPLS
     rounds: int                      # interleaved rounds per case (median of the round medians)
     rep_ms: float                    # do_bench rep per implementation per round (CUDA)
     label: str                       # printed with every table and plot
@@ -79,7 +79,7 @@ def make_plan(device, quick, suites=None):
 
     settings = {name: SUITES[name].preset(device, quick) for name in (suites or SUITES)}
     if device == "cuda":  # quick: meant for under three minutes on an H100/H200 (mostly compiling, autotuning)
-        return Plan(device, quick, settings, IMPLS, rounds=3 if quick else 5, rep_ms=10.0 if quick else 25.0,
+        return Plan(device, quick, settings, tuple(IMPLS), rounds=3 if quick else 5, rep_ms=10.0 if quick else 25.0,
                     label="cuda quick: seed Net3 + one Net3 layer, bf16" if quick else "cuda full")
     skipped = {"cublaslt": "CUDA only", **({"compile": "skipped: cpu quick"} if quick else {})}
     return Plan(device, quick, settings, tuple(i for i in IMPLS if i not in skipped), rounds=2 if quick else 3,

@@ -11,13 +11,13 @@ import math
 
 import torch
 
-from .plan import CPU_TIMING_NOTE, DTYPE_NAMES, IMPL_LABELS
+from .plan import CPU_TIMING_NOTE, DTYPE_NAMES, IMPL_LABELS, IMPLS
 
 #: Meaning of the row fields every suite has, and of those ``runner.run_timed`` adds (stored in
 #: results.json with the fields of the suites that ran).
 FIELDS = {
     "case": "shape or model", "dtype": "bf16 | fp16 | fp32",
-    "impl": "eager | fusedad | compile (torch.compile of the eager module) | cublaslt (torch._addmm_activation)",
+    "impl": "; ".join(f"{k}: {v}" for k, v in IMPLS.items()),
     "status": "ok | FAIL (rel_err > tol: not timed) | ERROR: <message>",
     "rel_err": "max over outputs and gradients of ||out - eager|| / ||eager||", "tol": "per-dtype tolerance",
     "ms": "median of the per-round medians (rounds interleave the implementations)",

@@ -38,20 +38,17 @@ CPU_SHAPES = (
 
 #: Meaning of the row fields of a layer case (the memory suite's layer cases have them too).
 FIELDS = {"M, K, N": "x (M, K) · Wᵀ (K, N)", "activation": " | ".join(ACTIVATIONS),
-          "phase": "fwd (no_grad) | bwd | fwd+bwd | fwd+bwd-frozenW | jvp (primal + tangent)"}
+          "phase": "; ".join(f"{k}: {v}" for k, v in PHASES.items())}
 
 
 def preset(device, quick):
     """CUDA: one Net3 layer, bf16, gelu_tanh (quick) or every shape, dtype and none/gelu_tanh/relu;
     CPU: tiny shapes (one quick), fp32 + bf16 (+ fp16 full), none/gelu_tanh (+ relu full)."""
-    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
-    shapes = CUDA_SHAPES if device == "cuda" else CPU_SHAPES
-    if device == "cuda":
-        dtypes, acts = ((bf16,), ("gelu_tanh",)) if quick else ((bf16, fp16, fp32), ("none", "gelu_tanh", "relu"))
-    else:
-        dtypes, acts = ((fp32, bf16), ("none", "gelu_tanh")) if quick else ((fp32, bf16, fp16),
-                                                                          ("none", "gelu_tanh", "relu"))
-    return {"shapes": shapes[:1] if quick else shapes, "dtypes": dtypes, "activations": acts, "phases": PHASES}
+    bf16, fp16, fp32, cuda = torch.bfloat16, torch.float16, torch.float32, device == "cuda"
+    shapes = CUDA_SHAPES if cuda else CPU_SHAPES
+    dtypes = ((bf16,) if quick else (bf16, fp16, fp32)) if cuda else ((fp32, bf16) if quick else (fp32, bf16, fp16))
+    acts = (("gelu_tanh",) if cuda else ("none", "gelu_tanh")) if quick else ("none", "gelu_tanh", "relu")
+    return {"shapes": shapes[:1] if quick else shapes, "dtypes": dtypes, "activations": acts, "phases": tuple(PHASES)}
 
 
 def layer_flops(M, K, N, phase):
@@ -142,7 +139,7 @@ def plot_roofline(plots, rows, env, peaks, dtype, path):
 SUITE = Suite(
     name="layers", title="layers — one linear layer (+ activation)",
     help="one linear layer over shapes (the seed's Net3 layers at M=256; LLM MLP GEMMs at M=8192; decode M=1, "
-         "16), dtypes, activations and phases (fwd, bwd, fwd+bwd, fwd+bwd-frozenW, jvp)",
+         f"16), dtypes, activations and phases ({', '.join(PHASES)})",
     preset=preset, cases=cases, plot=plot, fields=FIELDS,
     columns=lambda perf: [("shape", "case"), ("dtype", "dtype"), ("act", "activation"), ("phase", "phase"),
                           *report.timed_columns(perf)])
