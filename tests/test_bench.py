@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -422,6 +423,21 @@ def test_a_new_suite_is_one_registration(tmp_path, monkeypatch, capsys):
     assert (out / "sums.png").read_bytes().startswith(PNG_SIGNATURE)
     md = (out / "results.md").read_text()
     assert "## sums — a suite defined in a test" in md and "| sum of 3 | fp16 | fusedad | ok |" in md
+
+
+def test_a_suite_file_dropped_into_bench_suites_is_registered(tmp_path):
+    """The registry imports every module of bench/suites/: a new file there is all a suite needs (here
+    in a copy of bench/, so the checkout stays as it is)."""
+    shutil.copytree(REPO / "bench", tmp_path / "bench", ignore=shutil.ignore_patterns("__pycache__", "out"))
+    (tmp_path / "bench" / "suites" / "extra.py").write_text(
+        "from . import Suite\n"
+        "SUITE = Suite(name='extra', title='extra', help='a suite in its own file', preset=lambda d, q: {},\n"
+        "              cases=lambda settings, plan: [], columns=lambda perf: [])\n")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"suites:\n  modes .*\n  layers .*\n  memory .*\n  extra    a suite in its own file\n",
+                     proc.stdout.replace("\n           ", " ")), proc.stdout
 
 
 def test_gpu_check_script_parses():
