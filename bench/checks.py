@@ -2,7 +2,7 @@
 
     rel_err(out, ref) = ‖out − ref‖₂ / ‖ref‖₂      (in float64; the max over all compared tensors)
 
-Compared in the same dtype as eager (GUIDE §7). A fused kernel rounds once where eager rounds after
+Compared in the same dtype as eager. A fused kernel rounds once where eager rounds after
 the GEMM and again after the activation, so the two differ by a few units of the dtype's precision:
 
     fp32 1e-4  — both IEEE by default (TF32 off: torch.backends.cuda.matmul.allow_tf32 = False)

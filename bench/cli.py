@@ -2,15 +2,19 @@
 
 Nothing here imports fusedad at module level: ``main`` first decides the device and, without CUDA, sets
 ``TRITON_INTERPRET=1`` (Triton reads it when the kernels are defined, i.e. when fusedad is imported),
-so on a CPU machine the real kernels run through Triton's interpreter.
+so on a CPU machine the real kernels run through Triton's interpreter. Only then is the parser built: its
+choices come from the suite registry (``bench/suites/``) and fusedad's activations.
 """
 import argparse
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Default output folder, git-ignored: running the benchmark leaves the checkout as it was. Results worth
+#: keeping are written with ``--out bench/results/<name>`` and committed on purpose.
+OUT_DIR = Path(__file__).resolve().parent / "out"
 
 DESCRIPTION = """\
 Benchmark fusedad's fused Linear(+activation) kernels against eager PyTorch (nn.Linear + activation
@@ -20,11 +24,7 @@ across grad modes and phases. Every implementation is first checked against eage
 mismatch is reported as FAIL and never timed; an implementation that raises is reported as ERROR.
 
 suites:
-  modes    the seed's Net3 (batch 256, 4096->8192->8192->8192->1, ReLU, no bias) forward in default,
-           no_grad and inference_mode, and a forward+backward step
-  layers   one linear layer over shapes (Net3 layers at M=256; LLM MLP GEMMs at M=8192; decode M=1, 16),
-           dtypes, activations and phases (fwd, bwd, fwd+bwd, fwd+bwd-frozenW, jvp)
-  memory   peak CUDA memory of a training step per implementation (n/a on CPU)
+{suites}
 
 timing (CUDA): triton.testing.do_bench medians; the implementations of a case are interleaved over
 --rounds rounds (rotating order, so clock drift cancels) and the median of the round medians is
@@ -36,7 +36,7 @@ timings are labelled "cpu-interpreter (not a performance figure)".
 """
 
 EPILOG = """\
-outputs: a console table, and in bench/results/<YYYY-MM-DD>-<device>[-quick]/ (or --out DIR):
+outputs: a console table, and in bench/out/<YYYY-MM-DD>-<device>[-quick]/ (git-ignored) or --out DIR:
   results.json (every figure, the plan and the environment: card, driver, versions, command line),
   results.md (tables), PNG plots (modes, speedup vs eager, roofline/% of peak, memory, correctness).
 exit status: 1 if any fusedad row is FAIL or ERROR, else 0.
@@ -49,28 +49,29 @@ examples:
 
 
 def build_parser():
-    from .plan import ACTIVATIONS, DTYPES, IMPLS, PHASES, SUITES  # torch only, not fusedad
+    """The parser; imports fusedad (through the suites): call it after TRITON_INTERPRET is decided."""
+    from .impls import ACTIVATIONS, PHASES
+    from .plan import DTYPES, IMPLS
+    from .suites import SUITES
 
-    p = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    suites = "\n".join(textwrap.fill(" ".join(s.help.split()), 105, initial_indent=f"  {name:8s} ",
+                                      subsequent_indent=" " * 11) for name, s in SUITES.items())
+    p = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION.format(suites=suites),
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="small subset: CUDA: seed Net3 + one Net3 layer (gelu_tanh), bf16, 3 rounds; "
                         "CPU: tiny shapes, fp32 + bf16, no torch.compile, 2 rounds (correctness only)")
-    p.add_argument("--suite", nargs="+", choices=SUITES, metavar="SUITE",
+    p.add_argument("--suite", nargs="+", choices=list(SUITES), metavar="SUITE",
                    help=f"suites to run, of {', '.join(SUITES)} (default: all)")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), metavar="DTYPE",
                    help=f"dtypes, of {', '.join(DTYPES)}, for every suite (default CUDA: all, bf16 with --quick; "
-                        "CPU: see plan.py)")
+                        "CPU: fp32 bf16, and fp16 for a full run's layers)")
     p.add_argument("--activation", nargs="+", choices=ACTIVATIONS, metavar="ACT",
                    help=f"layer activations, of {', '.join(ACTIVATIONS)} (default: none gelu_tanh relu)")
-    p.add_argument("--phase", nargs="+", choices=PHASES, metavar="PHASE",
-                   help="layer phases: fwd (no_grad forward), bwd (backward only), fwd+bwd, fwd+bwd-frozenW "
-                        "(weight.requires_grad=False: no dW), jvp (forward mode: primal + tangent) "
-                        "(default: all)")
-    p.add_argument("--impl", nargs="+", choices=IMPLS, metavar="IMPL",
-                   help="implementations: eager (always run: the reference), fusedad, compile "
-                        "(torch.compile of the eager module), cublaslt (torch._addmm_activation, fwd with "
-                        "bias + relu/gelu_tanh on CUDA) (default: all that apply)")
+    p.add_argument("--phase", nargs="+", choices=list(PHASES), metavar="PHASE", help="layer phases: " + ", ".join(
+        f"{k} ({v})" for k, v in PHASES.items()) + " (default: all)")
+    p.add_argument("--impl", nargs="+", choices=list(IMPLS), metavar="IMPL", help="implementations: " + ", ".join(
+        f"{k} ({v})" for k, v in IMPLS.items()) + " (default: all that apply)")
     p.add_argument("--shape", nargs="+", metavar="MxKxN",
                    help="layer shapes instead of the preset, e.g. 8192x4096x14336 (x: M×K, weight: N×K)")
     p.add_argument("--rounds", type=int, metavar="N",
@@ -79,7 +80,7 @@ def build_parser():
                    help="do_bench timing window per implementation per round, CUDA (default: 25 full, 10 quick)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where to run (default: cuda if available, else cpu with the Triton interpreter)")
-    p.add_argument("--out", metavar="DIR", help="write results here instead of bench/results/<date>-<device>/")
+    p.add_argument("--out", metavar="DIR", help="write results here instead of bench/out/<date>-<device>[-quick]/")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for every case (default 0)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -99,22 +100,19 @@ def resolve_device(choice):
 
 
 def plan_from_args(args, device):
+    """The preset of ``device`` / ``--quick`` for the chosen suites, with the options applied: --dtype,
+    --activation, --phase and --shape replace those settings in every suite that has them."""
     from .plan import DTYPES, Shape, make_plan
 
-    plan = make_plan(device, args.quick)
-    if args.suite:
-        plan.suites = tuple(args.suite)
-    if args.dtype:
-        plan.dtypes = plan.net3_dtypes = tuple(DTYPES[d] for d in args.dtype)
-    if args.activation:
-        plan.activations = tuple(args.activation)
-    if args.phase:
-        plan.phases = tuple(args.phase)
+    plan = make_plan(device, args.quick, args.suite)
+    given = {"dtypes": args.dtype and tuple(DTYPES[d] for d in args.dtype),
+             "activations": args.activation and tuple(args.activation), "phases": args.phase and tuple(args.phase),
+             "shapes": args.shape and tuple(Shape.parse(s) for s in args.shape)}
+    for settings in plan.settings.values():
+        settings.update({k: v for k, v in given.items() if v and k in settings})
     if args.impl:
         plan.impls = tuple(dict.fromkeys(("eager", *args.impl)))
         plan.skipped_impls = {k: v for k, v in plan.skipped_impls.items() if k not in plan.impls or k == "cublaslt"}
-    if args.shape:
-        plan.shapes = tuple(Shape.parse(s) for s in args.shape)
     if args.rounds:
         plan.rounds = max(1, args.rounds)
     if args.rep_ms:
@@ -125,7 +123,7 @@ def plan_from_args(args, device):
 
 
 def default_out_dir(env, quick, slug):
-    return RESULTS_DIR / f"{env['date'][:10]}-{slug}{'-quick' if quick else ''}"
+    return OUT_DIR / f"{env['date'][:10]}-{slug}{'-quick' if quick else ''}"
 
 
 def run(plan, argv=(), out_dir=None, progress=True, plots=True, log=print):
@@ -135,7 +133,8 @@ def run(plan, argv=(), out_dir=None, progress=True, plots=True, log=print):
     import fusedad
 
     from . import device as dev
-    from . import report, suites
+    from . import report, runner
+    from .suites import SUITES
 
     started = time.perf_counter()
     backend = fusedad.backend(torch.empty(0, device=plan.device))
@@ -148,25 +147,23 @@ def run(plan, argv=(), out_dir=None, progress=True, plots=True, log=print):
     log(f"fusedad benchmark: {plan.label} — {env['device_name']} (fusedad backend: {backend})")
     if plan.device == "cuda":
         log("measuring device peaks (8192³ GEMM per dtype, 1 GiB copy) …")
-    peaks = dev.measure_peaks(plan.device, tuple(dict.fromkeys((*plan.dtypes, *plan.net3_dtypes))))
+    dtypes = (t for settings in plan.settings.values() for t in settings.get("dtypes", ()))
+    peaks = dev.measure_peaks(plan.device, tuple(dict.fromkeys(dtypes)))
     log(report.peaks_line(peaks).strip())
 
     out_dir = Path(out_dir) if out_dir else default_out_dir(env, plan.quick, dev.device_slug(plan.device, backend))
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"env": env, "peaks": peaks, "plan": report.plan_record(plan), "rows": [], "plots": []}
-    for suite in plan.suites:
-        results["rows"] += suites.run_suite(suite, plan, peaks, progress=progress)
-        # Written after every suite, so a run cut short (a time limit) keeps what it measured.
-        report.write_json(results, out_dir / "results.json")
-        report.write_markdown(results, out_dir / "results.md")
+    for name in plan.suites:
+        results["rows"] += runner.run_suite(SUITES[name], plan, peaks, progress=progress)
+        report.write(results, out_dir)  # after every suite: a run cut short keeps what it measured
 
     env["seconds"] = round(time.perf_counter() - started, 1)
     if plots:
         from . import plots as plotting  # matplotlib only when plots are wanted
 
         results["plots"] = plotting.write_plots(results, out_dir)
-    report.write_json(results, out_dir / "results.json")
-    report.write_markdown(results, out_dir / "results.md")
+    report.write(results, out_dir)
     log(report.console_report(results))
     log(f"\nwrote {out_dir}/: results.json results.md {' '.join(results['plots'])}  ({env['seconds']:.0f} s)")
     results["out_dir"] = out_dir
@@ -179,11 +176,13 @@ def fusedad_failures(rows):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    device = resolve_device(args.device)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", default="auto")  # its choices are checked by the full parser below
+    device = resolve_device(pre.parse_known_args(argv)[0].device)
     if device == "cpu":
         # Must precede the first import of fusedad (Triton reads it when the kernels are defined).
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    args = build_parser().parse_args(argv)
     plan = plan_from_args(args, device)
     results = run(plan, argv, args.out, progress=not args.no_progress, plots=not args.no_plots)
     bad = fusedad_failures(results["rows"])

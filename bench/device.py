@@ -3,7 +3,6 @@ import datetime
 import platform
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +10,10 @@ from pathlib import Path
 import torch
 import triton
 
-from .plan import DTYPE_NAMES
+from .plan import CPU_TIMING_NOTE, DTYPE_NAMES
 
-#: Peak GEMM size: 8192³ is large enough that cuBLAS runs at its best (GUIDE §5: 785 TFLOP/s bf16 on
-#: an H200); the copy moves 1 GiB each way, far beyond L2, so it measures HBM bandwidth.
+#: Peak GEMM size: 8192³ is large enough that cuBLAS runs at its best (785 TFLOP/s bf16 on an H200,
+#: torch 2.11); the copy moves 1 GiB each way, far beyond L2, so it measures HBM bandwidth.
 PEAK_GEMM_N = 8192
 PEAK_COPY_BYTES = 2**30
 
@@ -28,8 +27,6 @@ def _run(cmd):
 
 def nvidia_driver():
     """Driver version from nvidia-smi, or None where there is no nvidia-smi."""
-    if shutil.which("nvidia-smi") is None:
-        return None
     out = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     return out.splitlines()[0].strip() if out else None
 
@@ -37,19 +34,14 @@ def nvidia_driver():
 def device_name(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
+    return names[0].strip() if names else platform.processor() or platform.machine()
 
 
 def device_slug(device, fusedad_backend):
     """Folder-name part: the card ("NVIDIA H200" -> "h200", "NVIDIA H100 80GB HBM3" -> "h100-80gb-hbm3"),
-    or "cpu-<backend>" (CPU folders must contain "cpu": .gitignore drops them)."""
+    or "cpu-<backend>"."""
     if device != "cuda":
         return "cpu-" + fusedad_backend.replace("triton-", "")
     name = re.sub(r"^nvidia\s+", "", torch.cuda.get_device_name().lower())
@@ -85,7 +77,7 @@ def environment(plan, argv, fusedad_backend):
         "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "run_label": plan.label,
         "performance_figures": plan.is_performance_run,
-        "timing_note": None if plan.is_performance_run else "cpu-interpreter (not a performance figure)",
+        "timing_note": None if plan.is_performance_run else CPU_TIMING_NOTE,
     }
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (GUIDE §9), meant to finish in under 5 minutes on an H100/H200:
+# One prepared GPU check, meant to finish in under 5 minutes on an H100/H200:
 #   1. the CUDA cases of the test suite (-k "cuda or on_gpu or fuzz")  -> $OUT/pytest.log
 #   2. the quick benchmark                                            -> $OUT/bench.log, $OUT/bench/
 #   3. compute-sanitizer memcheck of a small fused fwd+bwd+jvp        -> $OUT/memcheck.log

@@ -1,52 +1,66 @@
-"""The implementations compared, as zero-argument callables that return the tensors to check.
-
-For one case, ``layer_builders`` / ``net3_builders`` return ``{impl name: build}``; ``build()`` constructs
-the implementation (torch.compile happens in the first call, inside the check) and returns ``fn``;
-``fn()`` runs one phase and returns a tuple of tensors that is compared with eager's, then timed.
-Every implementation of a case shares eager's Parameter objects (``fusedad.convert`` swaps modules but
-keeps the Parameters; ``torch.compile`` wraps the eager module), and gradients are taken with
-``torch.autograd.grad`` so nothing accumulates into ``.grad`` between calls.
+"""The models the suites run, and their implementations as ``{impl name: build}`` (``builders``):
+``build()`` constructs one (torch.compile happens in the first call, inside the check) and returns
+``fn``; ``fn()`` runs one phase and returns a tuple of tensors, compared with eager's, then timed. All
+implementations of a case share eager's Parameter objects, and gradients are taken with
+``torch.autograd.grad``, so nothing accumulates into ``.grad`` between calls.
 """
 import contextlib
+import dataclasses
+import functools
 
 import torch
 from torch import nn
 
 import fusedad
 
+#: Activation choices: "none" (a plain linear) and every activation fusedad fuses.
+ACTIVATIONS = ("none", *fusedad.ACTIVATIONS)
+
+#: The eager module for each of fusedad's activations (``fusedad.convert`` fuses these into the Linear).
+ACTIVATION_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),
+                      "silu": nn.SiLU}
+
+#: Layer phases and what each runs (bwd: of a forward done once, outside the timing).
+PHASES = {"fwd": "no_grad forward", "bwd": "backward only: dX, dW, db", "fwd+bwd": "both",
+          "fwd+bwd-frozenW": "weight.requires_grad=False: no dW", "jvp": "forward mode: primal + tangent"}
+
+#: Net3's forward grad modes as context-manager factories; MODES adds a training step.
+GRAD_MODES = {"default": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+MODES = (*GRAD_MODES, "fwd+bwd")
+
 #: Planted-mismatch scale: 10% off is far beyond every dtype tolerance (bf16 2e-2).
 PLANTED_SCALE = 1.1
 
 
-def activation_module(name):
-    """The nn module eager code would use for the activation (None for "none")."""
-    return {"none": None, "relu": nn.ReLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"),
-            "silu": nn.SiLU()}[name]
+@dataclasses.dataclass(frozen=True)
+class Net3:
+    """The seed's Net3: bias-free layers dims[0] → dims[1] → … → dims[-1], ReLU between, batch rows."""
+
+    batch: int
+    dims: tuple
+
+    @property
+    def layers(self):
+        """(K, N) of each layer."""
+        return tuple(zip(self.dims[:-1], self.dims[1:]))
+
+    @property
+    def label(self):
+        return f"Net3 batch {self.batch}, " + "→".join(map(str, self.dims))
 
 
-def eager_layer(shape, dtype, activation, device, bias=True):
-    """nn.Sequential(nn.Linear(K, N), activation): what fusedad replaces."""
-    layers = [nn.Linear(shape.K, shape.N, bias=bias, device=device, dtype=dtype)]
-    act = activation_module(activation)
-    return nn.Sequential(*layers, *([act] if act is not None else []))
+SEED_NET3 = Net3(256, (4096, 8192, 8192, 8192, 1))
+TINY_NET3 = Net3(8, (32, 64, 64, 64, 1))
 
 
-def eager_net3(net3, dtype, device):
-    """The seed's Net3 as bias-free nn.Linear layers with ReLU between. The seed's MyLinear draws its
-    weight with torch.randn (std 1), which at width 8192 grows activations by ~√8192 per layer and
-    overflows fp16; nn.Linear's default init keeps them O(1), and the timings do not depend on values."""
-    mods = []
-    for i, (K, N) in enumerate(net3.layers):
-        mods.append(nn.Linear(K, N, bias=False, device=device, dtype=dtype))
-        if i < len(net3.layers) - 1:
-            mods.append(nn.ReLU())
-    return nn.Sequential(*mods)
-
-
-def fusedad_copy(model):
-    """fusedad.convert on a new Sequential holding the same children: the eager model stays as it is,
-    and the fused layers (Linear→ReLU/GELU/SiLU become one fusedad.nn.Linear) share its Parameters."""
-    return fusedad.convert(nn.Sequential(*model))
+def net3_preset(device, quick):
+    """Settings of the Net3 suites (modes, memory): the seed's Net3 on CUDA (bf16 quick, else all three
+    dtypes); on CPU a tiny Net3 in fp32 and bf16 (the kernels round bf16 stores to nearest-even by hand
+    under the interpreter, which truncates, so CPU bf16 sees the GPU's numerics)."""
+    if device == "cuda":
+        return {"net3": SEED_NET3, "dtypes": (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16,
+                                                                            torch.float32)}
+    return {"net3": TINY_NET3, "dtypes": (torch.float32, torch.bfloat16)}
 
 
 def compiled(fn):
@@ -56,27 +70,38 @@ def compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def _forward_under(grad_mode, model, x):
-    """fn() running ``model(x)`` inside ``grad_mode()`` (a context manager factory) -> (output,)."""
+def builders(model, run, plan, compile_build=None, extra=None):
+    """{impl: build} for ``plan.impls``, eager first (the reference); ``run(module)`` -> fn. eager runs
+    ``model``; fusedad ``fusedad.convert`` of a new Sequential of the same children (the fused layers
+    share the Parameters); compile ``compiled(model)``, or ``compile_build``; ``extra``: more {impl:
+    build}. ``plan.plant_mismatch`` (a test hook) adds fusedad's result scaled by PLANTED_SCALE."""
+    def fused():
+        return run(fusedad.convert(nn.Sequential(*model)))
+
+    def planted():
+        fn = fused()
+        return lambda: tuple(t * PLANTED_SCALE for t in fn())
+
+    every = {"eager": lambda: run(model), "fusedad": fused,
+             "compile": compile_build or (lambda: run(compiled(model))), **(extra or {})}
+    out = {name: build for name, build in every.items() if name == "eager" or name in plan.impls}
+    return {**out, "planted-mismatch": planted} if plan.plant_mismatch else out
+
+
+def forward_under(grad_mode, model, x, result=lambda y: (y,)):
+    """fn() running ``model(x)`` inside ``grad_mode()`` (a context manager factory) -> result(output)."""
     def fn():
         with grad_mode():
-            return (model(x),)
+            return result(model(x))
     return fn
 
 
-#: Net3's forward grad modes (plan.MODES) as context-manager factories.
-GRAD_MODES = {"default": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
-
-
-def _phase_fn(model, phase, x, dy, xt):
-    """One layer phase (see plan.PHASES) of ``model`` -> fn() returning the tensors to compare."""
+def phase_fn(model, phase, x, dy, xt):
+    """One layer phase (see PHASES) of ``model`` -> fn() returning the tensors to compare."""
     if phase == "fwd":
-        return _forward_under(torch.no_grad, model, x)
+        return forward_under(torch.no_grad, model, x)
     if phase == "jvp":
-        def fn():
-            with torch.no_grad():
-                return tuple(torch.func.jvp(model, (x,), (xt,)))
-        return fn
+        return forward_under(torch.no_grad, lambda a: torch.func.jvp(model, (a,), (xt,)), x, tuple)
     xg = x.detach().requires_grad_()
     inputs = [xg, *(p for p in model.parameters() if p.requires_grad)]
     if phase == "bwd":
@@ -92,91 +117,55 @@ def _phase_fn(model, phase, x, dy, xt):
     raise ValueError(f"unknown phase {phase!r}")
 
 
-def _cublaslt_fn(model, activation, x):
-    """cuBLASLt's fused bias+ReLU / bias+GELU(tanh) epilogue, forward only."""
-    linear = model[0]
-    w, b, use_gelu = linear.weight, linear.bias, activation == "gelu_tanh"
-
-    def fn():
-        with torch.no_grad():
-            return (torch._addmm_activation(b, x, w.t(), use_gelu=use_gelu),)
-    return fn
-
-
-def cublaslt_applies(device, phase, activation, bias=True):
-    """torch._addmm_activation has relu and (tanh-approximated on CUDA) gelu epilogues, needs a bias."""
-    return device == "cuda" and phase == "fwd" and bias and activation in ("relu", "gelu_tanh")
-
-
-def _planted(build):
-    """Test hook: fusedad's result scaled by PLANTED_SCALE — must be reported FAIL and never timed."""
-    def planted_build():
-        fn = build()
-        return lambda: tuple(t * PLANTED_SCALE for t in fn())
-    return planted_build
-
-
-def layer_builders(shape, dtype, activation, phase, impls, device, plant_mismatch=False):
-    """{impl: build} for one layer case. ``eager`` is always first (it is the reference)."""
-    model = eager_layer(shape, dtype, activation, device)
+def layer_builders(shape, dtype, activation, phase, plan):
+    """{impl: build} for nn.Sequential(nn.Linear(K, N), activation module) — what fusedad replaces — in
+    one phase; cuBLASLt where its fused epilogue applies (torch._addmm_activation: CUDA, forward, with
+    bias, relu or tanh-approximated gelu)."""
+    device = plan.device
+    act = [] if activation == "none" else [ACTIVATION_MODULES[activation]()]
+    model = nn.Sequential(nn.Linear(shape.K, shape.N, device=device, dtype=dtype), *act)
     if phase == "fwd+bwd-frozenW":
         model[0].weight.requires_grad_(False)
     x = torch.randn(shape.M, shape.K, device=device, dtype=dtype)
     dy = torch.randn(shape.M, shape.N, device=device, dtype=dtype)
     xt = torch.randn(shape.M, shape.K, device=device, dtype=dtype) if phase == "jvp" else None
 
-    def compile_build():
-        if phase == "jvp":
-            jvp = compiled(lambda a, at: torch.func.jvp(model, (a,), (at,)))
+    def compile_jvp():  # compile the jvp transform of the module, not a jvp of a compiled module
+        jvp = compiled(lambda a, at: torch.func.jvp(model, (a,), (at,)))
+        return forward_under(torch.no_grad, lambda a: jvp(a, xt), x, tuple)
 
-            def fn():
-                with torch.no_grad():
-                    return tuple(jvp(x, xt))
-            return fn
-        return _phase_fn(compiled(model), phase, x, dy, xt)
+    def cublaslt():
+        w, b, gelu = model[0].weight, model[0].bias, activation == "gelu_tanh"
+        return forward_under(torch.no_grad, lambda a: torch._addmm_activation(b, a, w.t(), use_gelu=gelu), x)
 
-    def fused_build():
-        return _phase_fn(fusedad_copy(model), phase, x, dy, xt)
-
-    builders = {"eager": lambda: _phase_fn(model, phase, x, dy, xt)}
-    if "fusedad" in impls:
-        builders["fusedad"] = fused_build
-    if "compile" in impls:
-        builders["compile"] = compile_build
-    if "cublaslt" in impls and cublaslt_applies(device, phase, activation):
-        builders["cublaslt"] = lambda: _cublaslt_fn(model, activation, x)
-    if plant_mismatch:
-        builders["planted-mismatch"] = _planted(fused_build)
-    return builders
+    applies = device == "cuda" and phase == "fwd" and activation in ("relu", "gelu_tanh")
+    return builders(model, lambda m: phase_fn(m, phase, x, dy, xt), plan, compile_jvp if phase == "jvp" else None,
+                    {"cublaslt": cublaslt} if applies else None)
 
 
-def _mode_fn(model, mode, x, dout):
-    """Net3 in one grad mode (plan.MODES) -> fn() returning the output (and the weight gradients)."""
-    if mode in GRAD_MODES:
-        return _forward_under(GRAD_MODES[mode], model, x)
-    if mode == "fwd+bwd":
-        params = [p for p in model.parameters() if p.requires_grad]
+def net3_builders(net3, dtype, mode, plan):
+    """{impl: build} for the seed's Net3 in one grad mode (see MODES) -> fn() returning the output (and,
+    for the training step, the weight gradients). Bias-free nn.Linear layers with ReLU between: the
+    seed's MyLinear draws its weight with torch.randn (std 1), which at width 8192 grows activations by
+    ~√8192 per layer and overflows fp16; nn.Linear's default init keeps them O(1), and the timings do
+    not depend on values. cuBLASLt does not apply: no bias."""
+    mods = []
+    for K, N in net3.layers:
+        mods += [nn.Linear(K, N, bias=False, device=plan.device, dtype=dtype), nn.ReLU()]
+    model = nn.Sequential(*mods[:-1])
+    x = torch.randn(net3.batch, net3.dims[0], device=plan.device, dtype=dtype)
+    dout = torch.randn(net3.batch, net3.dims[-1], device=plan.device, dtype=dtype)
+
+    def run(m):
+        if mode in GRAD_MODES:
+            return forward_under(GRAD_MODES[mode], m, x)
+        if mode != "fwd+bwd":
+            raise ValueError(f"unknown mode {mode!r}")
+        params = [p for p in m.parameters() if p.requires_grad]
 
         def fn():
-            out = model(x)
+            out = m(x)
             return (out.detach(), *torch.autograd.grad(out, params, dout))
         return fn
-    raise ValueError(f"unknown mode {mode!r}")
 
-
-def net3_builders(net3, dtype, mode, impls, device, plant_mismatch=False):
-    """{impl: build} for the seed's Net3 in one grad mode (cuBLASLt does not apply: no bias)."""
-    model = eager_net3(net3, dtype, device)
-    x = torch.randn(net3.batch, net3.dims[0], device=device, dtype=dtype)
-    dout = torch.randn(net3.batch, net3.dims[-1], device=device, dtype=dtype)
-    def fused_build():
-        return _mode_fn(fusedad_copy(model), mode, x, dout)
-
-    builders = {"eager": lambda: _mode_fn(model, mode, x, dout)}
-    if "fusedad" in impls:
-        builders["fusedad"] = fused_build
-    if "compile" in impls:
-        builders["compile"] = lambda: _mode_fn(compiled(model), mode, x, dout)
-    if plant_mismatch:
-        builders["planted-mismatch"] = _planted(fused_build)
-    return builders
+    return builders(model, run, plan)

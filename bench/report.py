@@ -1,4 +1,5 @@
-"""Console tables, results.json and results.md.
+"""Console tables, results.json and results.md: for every suite that has rows, its title and its table
+(the columns the suite declares; the common ones are defined here).
 
 On a CPU (interpreter) run no throughput, speedup or %-of-peak figure is shown or stored: the ms column
 is labelled "cpu-interpreter (not a performance figure)" — interpreted kernels against native eager
@@ -8,16 +9,15 @@ import dataclasses
 import json
 import math
 
-from .plan import CPU_TIMING_NOTE, DTYPE_NAMES, IMPL_LABELS, Plan
+import torch
 
-#: Meaning of every row field, stored in results.json.
+from .plan import CPU_TIMING_NOTE, DTYPE_NAMES, IMPL_LABELS, IMPLS
+
+#: Meaning of the row fields every suite has, and of those ``runner.run_timed`` adds (stored in
+#: results.json with the fields of the suites that ran).
 FIELDS = {
-    "suite": "modes | layers | memory",
-    "case": "shape or model", "M, K, N": "x (M, K) · Wᵀ (K, N)",
-    "dtype": "bf16 | fp16 | fp32", "activation": "none | relu | gelu | gelu_tanh | silu",
-    "phase": "fwd (no_grad) | bwd | fwd+bwd | fwd+bwd-frozenW | jvp (primal + tangent)",
-    "mode": "default | no_grad | inference_mode | fwd+bwd (modes suite)",
-    "impl": "eager | fusedad | compile (torch.compile of the eager module) | cublaslt (torch._addmm_activation)",
+    "case": "shape or model", "dtype": "bf16 | fp16 | fp32",
+    "impl": "; ".join(f"{k}: {v}" for k, v in IMPLS.items()),
     "status": "ok | FAIL (rel_err > tol: not timed) | ERROR: <message>",
     "rel_err": "max over outputs and gradients of ||out - eager|| / ||eager||", "tol": "per-dtype tolerance",
     "ms": "median of the per-round medians (rounds interleave the implementations)",
@@ -26,13 +26,16 @@ FIELDS = {
     "tflops": "model FLOPs / ms", "gbps": "minimum bytes moved / ms",
     "bound": "compute | memory: arithmetic intensity vs the measured ridge point",
     "pct_peak": "% of the measured same-dtype GEMM peak (compute) or copy bandwidth (memory)",
-    "speedup": "eager ms / ms", "peak_mb": "torch.cuda.max_memory_allocated during one step, MiB",
-    "step_mb": "peak minus memory allocated before the step, MiB", "mem_vs_eager": "step_mb / eager step_mb",
+    "speedup": "eager ms / ms",
 }
 
 
-def _num(v, fmt):
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+def num(key, fmt, suffix=""):
+    """cell(row): ``row[key]`` formatted (and ``suffix``); empty where missing or NaN."""
+    def cell(r):
+        v = r.get(key)
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt) + suffix
+    return cell
 
 
 def _status(row, width=None):
@@ -40,43 +43,30 @@ def _status(row, width=None):
     return s if width is None or len(s) <= width else s[: width - 1] + "…"
 
 
-def _columns(suite, performance):
-    """(header, cell(row)) pairs for one suite's table."""
-    ms_head = "ms" if performance else "ms*"
-    common_tail = [("status", _status), ("rel err", lambda r: _num(r.get("rel_err"), ".1e")),
-                   (ms_head, lambda r: _num(r.get("ms"), ".4g"))]
-    perf = [("spread", lambda r: _num(r.get("spread_pct"), ".1f") + ("%" if r.get("spread_pct") is not None else "")),
-            ("TFLOP/s", lambda r: _num(r.get("tflops"), ".1f")),
-            ("GB/s", lambda r: _num(r.get("gbps"), ".0f") if r.get("bound") == "memory" else ""),
-            ("% peak", lambda r: (_num(r.get("pct_peak"), ".0f") + ("% bw" if r.get("bound") == "memory" else "% mm"))
-             if r.get("pct_peak") is not None else ""),
-            ("× eager", lambda r: _num(r.get("speedup"), ".2f"))]
-    impl = ("impl", lambda r: IMPL_LABELS.get(r["impl"], r["impl"]))
-    if suite == "modes":
-        cols = [("dtype", lambda r: r["dtype"]), ("mode", lambda r: r["mode"]), impl, *common_tail]
-        return cols + ([perf[0], perf[1], perf[4]] if performance else [])
-    if suite == "layers":
-        cols = [("shape", lambda r: r["case"]), ("dtype", lambda r: r["dtype"]),
-                ("act", lambda r: r["activation"]), ("phase", lambda r: r["phase"]), impl, *common_tail]
-        return cols + (perf if performance else [])
-    return [("case", lambda r: r["case"]), ("dtype", lambda r: r["dtype"]), ("act", lambda r: r.get("activation", "")),
-            ("phase", lambda r: r.get("phase", "")), impl, ("status", _status),
-            ("rel err", lambda r: _num(r.get("rel_err"), ".1e")),
-            ("peak MiB", lambda r: _num(r.get("peak_mb"), ".0f") if r.get("peak_mb") is not None else r.get("note", "")),
-            ("step MiB", lambda r: _num(r.get("step_mb"), ".0f")),
-            ("step × eager", lambda r: _num(r.get("mem_vs_eager"), ".2f"))]
+# Columns for Suite.columns: (header, row key or cell(row)).
+IMPL = ("impl", lambda r: IMPL_LABELS.get(r["impl"], r["impl"]))
+STATUS = ("status", "status")
+REL_ERR = ("rel err", num("rel_err", ".1e"))
+SPREAD = ("spread", num("spread_pct", ".1f", "%"))
+TFLOPS = ("TFLOP/s", num("tflops", ".1f"))
+GBPS = ("GB/s", lambda r: num("gbps", ".0f")(r) if r.get("bound") == "memory" else "")
+PCT_PEAK = ("% peak", lambda r: num("pct_peak", ".0f", "% bw" if r.get("bound") == "memory" else "% mm")(r))
+SPEEDUP = ("× eager", num("speedup", ".2f"))
+
+
+def timed_columns(performance, perf=(SPREAD, TFLOPS, GBPS, PCT_PEAK, SPEEDUP)):
+    """impl, status, rel err, ms (ms* where it is not a performance figure), then ``perf`` on a
+    performance run: the columns of a suite run by ``runner.run_timed``."""
+    return [IMPL, STATUS, REL_ERR, ("ms" if performance else "ms*", num("ms", ".4g")), *(perf if performance else ())]
 
 
 def _cells(rows, cols, status_width=None):
-    out = []
-    for r in rows:
-        out.append([(_status(r, status_width) if head == "status" else str(cell(r))) for head, cell in cols])
-    return out
+    return [[_status(r, status_width) if head == "status" else str(r.get(cell, "")) if isinstance(cell, str)
+             else cell(r) for head, cell in cols] for r in rows]
 
 
-def text_table(rows, suite, performance, status_width=48):
+def text_table(rows, cols, status_width=48):
     """Aligned plain-text table for the console."""
-    cols = _columns(suite, performance)
     body = _cells(rows, cols, status_width)
     heads = [h for h, _ in cols]
     widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h) for i, h in enumerate(heads)]
@@ -84,24 +74,18 @@ def text_table(rows, suite, performance, status_width=48):
     return "\n".join([line(heads), line(["-" * w for w in widths]), *(line(c) for c in body)])
 
 
-def markdown_table(rows, suite, performance):
-    cols = _columns(suite, performance)
+def markdown_table(rows, cols):
     esc = lambda s: s.replace("|", "\\|")  # noqa: E731
     lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(esc(c) for c in cells) + " |" for cells in _cells(rows, cols)]
     return "\n".join(lines)
 
 
-SUITE_TITLES = {
-    "modes": "modes — the seed's Net3 in each grad mode",
-    "layers": "layers — one linear layer (+ activation)",
-    "memory": "memory — peak CUDA memory of a training step",
-}
-
-
 def suite_rows(results):
-    """[(suite, its rows)] in run order, for the suites that have rows (so far)."""
-    pairs = [(s, [r for r in results["rows"] if r["suite"] == s]) for s in results["plan"]["suites"]]
+    """[(Suite, its rows)] in run order, for the suites that have rows (so far)."""
+    from .suites import SUITES  # not at import: the suite modules import this one
+
+    pairs = [(SUITES[s], [r for r in results["rows"] if r["suite"] == s]) for s in results["plan"]["suites"]]
     return [(s, rows) for s, rows in pairs if rows]
 
 
@@ -113,7 +97,7 @@ def console_report(results):
         out.append(f"   * ms: {CPU_TIMING_NOTE}")
     out.append(peaks_line(results.get("peaks")))
     for suite, rows in suite_rows(results):
-        out += [f"\n-- {SUITE_TITLES[suite]}", text_table(rows, suite, perf)]
+        out += [f"\n-- {suite.title}", text_table(rows, suite.columns(perf))]
     return "\n".join(out)
 
 
@@ -144,40 +128,45 @@ def markdown_report(results):
               "ms: median of per-round medians, rounds interleave the implementations; spread: "
               "(max − min) / median of the round medians.", ""]
     for suite, rows in suite_rows(results):
-        lines += [f"## {SUITE_TITLES[suite]}", "", markdown_table(rows, suite, perf), ""]
+        lines += [f"## {suite.title}", "", markdown_table(rows, suite.columns(perf)), ""]
     plots = results.get("plots") or []
     if plots:
         lines += ["## plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
 
 
-def plan_record(plan: Plan):
+def plan_record(plan):
     """The plan as JSON-able data."""
-    d = dataclasses.asdict(plan)
-    d["dtypes"] = [DTYPE_NAMES[t] for t in plan.dtypes]
-    d["net3_dtypes"] = [DTYPE_NAMES[t] for t in plan.net3_dtypes]
-    d["shapes"] = [dataclasses.asdict(s) for s in plan.shapes]
-    d["memory_layers"] = [dict(dataclasses.asdict(s), activation=a, phase=p) for s, a, p in plan.memory_layers]
-    return d
+    return _json(dict(dataclasses.asdict(plan), suites=plan.suites))
 
 
-def _finite(obj):
-    """NaN / inf -> None, so the file is strict JSON."""
+def fields(results):
+    """Meaning of every row field of ``results``: the common ones and those of the suites that ran."""
+    from .suites import SUITES
+
+    names = results["plan"]["suites"]
+    return {"suite": " | ".join(names), **FIELDS, **{k: v for n in names for k, v in SUITES[n].fields.items()}}
+
+
+def _json(obj):
+    """JSON-able data: NaN / inf -> None (so the file is strict JSON), dtypes -> names, dataclasses ->
+    dicts, tuples -> lists."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
+    if isinstance(obj, torch.dtype):
+        return DTYPE_NAMES.get(obj, str(obj))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: _json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [_json(v) for v in obj]
     return obj
 
 
-def write_json(results, path):
-    with open(path, "w") as f:
-        json.dump(_finite(dict(results, fields=FIELDS)), f, indent=1, allow_nan=False)
+def write(results, out_dir):
+    """results.json (strict JSON, with the meaning of every field) and results.md in ``out_dir``."""
+    with open(out_dir / "results.json", "w", encoding="utf-8") as f:
+        json.dump(_json(dict(results, fields=fields(results))), f, indent=1, allow_nan=False)
         f.write("\n")
-
-
-def write_markdown(results, path):
-    with open(path, "w") as f:
-        f.write(markdown_report(results))
+    (out_dir / "results.md").write_text(markdown_report(results), encoding="utf-8")

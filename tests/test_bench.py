@@ -1,13 +1,17 @@
-"""The benchmark harness's CPU path (``python -m bench``, issue 3).
+"""The benchmark harness's CPU path (``python -m bench``).
 
-One real ``python -m bench --quick --device cpu --plant-mismatch`` run (module fixture, ~15 s: kernels
-in Triton's interpreter) checks the files it writes and that a planted wrong implementation is FAIL and
-never timed; the rest call the suite API with fakes or synthetic rows (milliseconds each), including
-the CUDA-only report and plot paths that a CPU run never reaches.
+One real ``python -m bench --quick --device cpu --plant-mismatch`` run (module fixture, ~20 s: kernels
+in Triton's interpreter) checks the files it writes, that it writes nothing else into the checkout, and
+that a planted wrong implementation is FAIL and never timed; the rest call the suite API with fakes or
+synthetic rows (milliseconds each), including the CUDA-only report and plot paths that a CPU run never
+reaches, and a suite defined here, which must reach the CLI, the report and the plots through the
+registry alone.
 """
 import json
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import fusedad
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # bench/ is not installed (not shipped in the wheel): import it from the checkout
 
-from bench import checks, cli, figures, plan, report, suites, timing  # noqa: E402
+from bench import checks, cli, impls, plan, report, runner  # noqa: E402
+from bench.suites import SUITES, Suite, layers, memory, modes, register  # noqa: E402
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -29,14 +37,44 @@ def _strict_json(path):
     return json.loads(Path(path).read_text(), parse_constant=reject)
 
 
+def _git(*args):
+    """git's output in the checkout, or None where there is no git checkout (e.g. an unpacked sdist)."""
+    try:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-quick")
     cmd = [sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--out", str(out), "--plant-mismatch",
            "--no-progress"]
+    status_before = _git("status", "--porcelain")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert (out / "results.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc.git_status = (status_before, _git("status", "--porcelain"))
     return proc, out, _strict_json(out / "results.json")
+
+
+def test_quick_run_leaves_the_checkout_as_it_was(quick_run):
+    """Nothing tracked is modified and nothing untracked appears (the run writes only to its --out)."""
+    before, after = quick_run[0].git_status
+    if before is None:
+        pytest.skip("not a git checkout")
+    assert after == before
+
+
+def test_default_output_folder_is_git_ignored():
+    """Without --out, results go to bench/out/<date>-<device>[-quick]/, which git ignores: running the
+    README's command leaves `git status` clean; results worth keeping are committed with --out."""
+    env = {"date": "2026-11-26T10:00:00+00:00"}
+    dirs = [cli.default_out_dir(env, True, "cpu-interpreter"), cli.default_out_dir(env, False, "h100-80gb-hbm3")]
+    assert dirs[0].parent == REPO / "bench" / "out" and dirs[0].name == "2026-11-26-cpu-interpreter-quick"
+    if _git("rev-parse", "--git-dir") is None:
+        pytest.skip("not a git checkout")
+    for d in dirs:
+        assert _git("check-ignore", "-q", str(d / "results.json")) is not None, f"{d} is not git-ignored"
 
 
 def test_quick_run_exits_0_when_fusedad_passes(quick_run):
@@ -48,14 +86,14 @@ def test_quick_run_exits_0_when_fusedad_passes(quick_run):
 
 def test_quick_run_covers_every_suite_and_labels_cpu_timings(quick_run):
     proc, _, results = quick_run
-    for title in report.SUITE_TITLES.values():
-        assert title in proc.stdout
+    for suite in SUITES.values():
+        assert f"-- {suite.title}" in proc.stdout
     assert plan.CPU_TIMING_NOTE in proc.stdout
     assert plan.CPU_LABEL in proc.stdout
-    assert {r["suite"] for r in results["rows"]} == set(plan.SUITES)
+    assert {r["suite"] for r in results["rows"]} == set(SUITES) == {"modes", "layers", "memory"}
     # Every phase of the layers suite and every grad mode of Net3 ran.
-    assert {r["phase"] for r in results["rows"] if r["suite"] == "layers"} == set(plan.PHASES)
-    assert {r["mode"] for r in results["rows"] if r["suite"] == "modes"} == set(plan.MODES)
+    assert {r["phase"] for r in results["rows"] if r["suite"] == "layers"} == set(impls.PHASES)
+    assert {r["mode"] for r in results["rows"] if r["suite"] == "modes"} == set(impls.MODES)
 
 
 def test_quick_json_records_environment_and_no_cpu_performance_figures(quick_run):
@@ -91,7 +129,7 @@ def test_quick_fusedad_rows_pass_and_are_timed(quick_run):
 def test_planted_mismatch_is_fail_and_never_timed(quick_run):
     proc, out, results = quick_run
     planted = [r for r in results["rows"] if r["impl"] == "planted-mismatch"]
-    assert {r["suite"] for r in planted} == set(plan.SUITES)
+    assert {r["suite"] for r in planted} == set(SUITES)
     for r in planted:
         assert r["status"] == "FAIL" and r["rel_err"] > r["tol"]
         assert "ms" not in r and "round_ms" not in r
@@ -118,9 +156,9 @@ def test_quick_markdown_and_pngs(quick_run):
 # --- the suite API, without kernels ---------------------------------------------------------------
 
 
-def _tiny_plan(**kw):
+def _tiny_plan(rounds=3, **kw):
     p = plan.make_plan("cpu", quick=True)
-    p.rounds = 3
+    p.rounds = rounds
     for k, v in kw.items():
         setattr(p, k, v)
     return p
@@ -129,7 +167,7 @@ def _tiny_plan(**kw):
 def _fake_case(builders, dtype=torch.float32):
     meta = {"case": "fake", "M": 2, "K": 3, "N": 4, "dtype": plan.DTYPE_NAMES[dtype], "activation": "none",
             "phase": "fwd"}
-    return suites.Case("layers", meta, dtype, lambda: builders, flops=48.0, nbytes=100.0)
+    return runner.Case(meta, dtype, lambda: builders, flops=48.0, nbytes=100.0)
 
 
 def test_run_case_statuses_ok_fail_error_and_only_ok_is_timed():
@@ -150,7 +188,7 @@ def test_run_case_statuses_ok_fail_error_and_only_ok_is_timed():
         "compile": broken_build,
         "nan": lambda: (lambda: (torch.full_like(ref, math.nan),)),
     }
-    rows = {r["impl"]: r for r in suites.run_case(_fake_case(builders), _tiny_plan(), None)}
+    rows = {r["impl"]: r for r in runner.run_timed(_fake_case(builders), _tiny_plan(), None)}
     assert rows["eager"]["status"] == "ok" and rows["fusedad"]["status"] == "ok"
     assert len(rows["fusedad"]["round_ms"]) == 3
     assert rows["planted-mismatch"]["status"] == "FAIL"
@@ -166,18 +204,42 @@ def test_run_case_eager_failure_marks_every_row():
     def boom():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
     builders = {"eager": boom, "fusedad": lambda: (lambda: (torch.ones(1),))}
-    rows = suites.run_case(_fake_case(builders), _tiny_plan(), None)
+    rows = runner.run_timed(_fake_case(builders), _tiny_plan(), None)
     assert [r["status"].split(":")[0] for r in rows] == ["ERROR", "ERROR"]
+
+
+def test_memory_suite_measures_only_passing_impls_and_compares_with_eager(monkeypatch):
+    """memory's own run (CUDA's peak-memory figures faked here): FAIL never measured, step × eager."""
+    ref = torch.randn(4)
+    mib = {}
+    builders = {name: (lambda v=v: (lambda: (v,))) for name, v in
+                (("eager", ref), ("fusedad", ref.clone()), ("planted-mismatch", 2 * ref))}
+    steps = {id(ref): (300.0, 150.0)}
+
+    def fake_peak(fn, device):
+        out = fn()[0]
+        mib[device] = mib.get(device, 0) + 1
+        peak, step = steps.get(id(out), (250.0, 125.0))
+        return {"peak_mb": peak, "step_mb": step}
+
+    monkeypatch.setattr(memory, "peak_memory_mb", fake_peak)
+    rows = {r["impl"]: r for r in memory.SUITE.run(_fake_case(builders), _tiny_plan(), None)}
+    assert mib == {"cpu": 2}  # eager and fusedad; the planted FAIL is never measured
+    assert (rows["eager"]["step_mb"], rows["fusedad"]["step_mb"]) == (150.0, 125.0)
+    assert rows["fusedad"]["mem_vs_eager"] == pytest.approx(125 / 150)
+    assert rows["planted-mismatch"]["status"] == "FAIL" and "step_mb" not in rows["planted-mismatch"]
 
 
 # torch.func.jvp's first use loads torch's jvp decompositions, which call the deprecated torch.jit.script.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_layer_case_with_real_fusedad_and_planted_mismatch():
     """The suite API's own test hook (plant_mismatch) on a real tiny layer, every phase."""
-    p = _tiny_plan(shapes=(plan.Shape(4, 16, 8),), dtypes=(torch.float32,), activations=("gelu_tanh",),
-                   plant_mismatch=True, rounds=1)
-    rows = [r for case in suites.layers_cases(p) for r in suites.run_case(case, p, None)]
-    assert {r["phase"] for r in rows} == set(plan.PHASES)
+    p = _tiny_plan(rounds=1, plant_mismatch=True)
+    p.settings = {"layers": dict(p.settings["layers"], shapes=(plan.Shape(4, 16, 8),), dtypes=(torch.float32,),
+                                 activations=("gelu_tanh",))}
+    rows = runner.run_suite(SUITES["layers"], p, None, progress=False)
+    assert {r["phase"] for r in rows} == set(impls.PHASES)
+    assert {r["suite"] for r in rows} == {"layers"}
     for r in rows:
         expected = "FAIL" if r["impl"] == "planted-mismatch" else "ok"
         assert r["status"] == expected, r
@@ -194,11 +256,12 @@ def test_time_interleaved_rotates_order_and_reports_errors():
         raise ValueError("boom")
 
     fns = {"a": make("a"), "b": make("b"), "c": make("c"), "x": raises}
-    out = timing.time_interleaved(fns, "cpu", rounds=3, rep_ms=0)
+    out = runner.time_interleaved(fns, "cpu", rounds=3, rep_ms=0)
     assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # x dropped after its first failure
     assert isinstance(out["x"], ValueError)
     t = out["a"]
-    assert isinstance(t, timing.Timing) and len(t.rounds) == 3 and t.lo <= t.median <= t.hi
+    assert len(t["round_ms"]) == 3 and t["ms_min"] <= t["ms"] <= t["ms_max"]
+    assert t["spread_pct"] == pytest.approx(100 * (t["ms_max"] - t["ms_min"]) / t["ms"])
 
 
 def test_rel_err_and_tolerances():
@@ -214,21 +277,29 @@ def test_rel_err_and_tolerances():
 
 def test_flop_models_and_roofline_classification():
     M, K, N = 256, 4096, 8192
-    fwd = figures.layer_flops(M, K, N, "fwd")
+    fwd = layers.layer_flops(M, K, N, "fwd")
     assert fwd == 2 * M * K * N
-    assert figures.layer_flops(M, K, N, "fwd+bwd") == 3 * fwd
-    assert figures.layer_flops(M, K, N, "fwd+bwd-frozenW") == 2 * fwd == figures.layer_flops(M, K, N, "jvp")
-    net3 = plan.SEED_NET3
-    assert figures.net3_flops(net3, "fwd+bwd") < 3 * figures.net3_flops(net3, "no_grad")  # no dX for layer 0
-    peaks = {"gemm_tflops": {"bf16": 785.0}, "copy_gbps": 4222.0}  # GUIDE §5, H200
+    assert layers.layer_flops(M, K, N, "fwd+bwd") == 3 * fwd
+    assert layers.layer_flops(M, K, N, "fwd+bwd-frozenW") == 2 * fwd == layers.layer_flops(M, K, N, "jvp")
+    net3 = impls.SEED_NET3
+    assert modes.net3_flops(net3, "fwd+bwd") < 3 * modes.net3_flops(net3, "no_grad")  # no dX for layer 0
+    peaks = {"gemm_tflops": {"bf16": 785.0}, "copy_gbps": 4222.0}  # an H200's measured peaks
     # decode M=1 on 8192×8192 bf16: ~1 FLOP/byte, far below the ridge (~186 FLOP/byte): memory-bound
-    nbytes = figures.layer_bytes(1, 8192, 8192, "fwd", 2, "none")
-    dec = figures.throughput(figures.layer_flops(1, 8192, 8192, "fwd"), nbytes, 0.045, peaks, "bf16")
+    nbytes = layers.layer_bytes(1, 8192, 8192, "fwd", 2, "none")
+    dec = runner.throughput(layers.layer_flops(1, 8192, 8192, "fwd"), nbytes, 0.045, peaks, "bf16")
     assert dec["bound"] == "memory" and dec["pct_peak"] == pytest.approx(100 * dec["gbps"] / 4222.0)
-    big = figures.throughput(figures.layer_flops(8192, 4096, 14336, "fwd"),
-                             figures.layer_bytes(8192, 4096, 14336, "fwd", 2, "none"), 1.3, peaks, "bf16")
+    big = runner.throughput(layers.layer_flops(8192, 4096, 14336, "fwd"),
+                            layers.layer_bytes(8192, 4096, 14336, "fwd", 2, "none"), 1.3, peaks, "bf16")
     assert big["bound"] == "compute" and big["pct_peak"] == pytest.approx(100 * big["tflops"] / 785.0)
-    assert figures.throughput(fwd, 1.0, 1.0, None, "bf16")["pct_peak"] is None
+    assert runner.throughput(fwd, 1.0, 1.0, None, "bf16")["pct_peak"] is None
+
+
+def test_eager_activation_modules_are_the_ones_fusedad_fuses():
+    """The bench's activation list is fusedad's, and fusedad.convert fuses each eager module as that one."""
+    assert impls.ACTIVATIONS == ("none", *fusedad.ACTIVATIONS)
+    for name in fusedad.ACTIVATIONS:
+        model = fusedad.convert(torch.nn.Sequential(torch.nn.Linear(2, 3), impls.ACTIVATION_MODULES[name]()))
+        assert model[0].activation == name and isinstance(model[1], torch.nn.Identity)
 
 
 # --- CUDA-only report and plot paths, from synthetic rows ------------------------------------------
@@ -241,26 +312,25 @@ def _synthetic_cuda_results():
     env = {"run_label": p.label, "device_name": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0",
            "date": "2026-11-26T00:00:00+00:00", "command": "python -m bench --quick", "performance_figures": True}
     rows = []
-    for mode in plan.MODES:
+    for mode in impls.MODES:
         for impl, ms in (("eager", 1.0), ("fusedad", 0.9), ("compile", 1.1)):
             rows.append(dict(suite="modes", case="Net3", dtype="bf16", mode=mode, impl=impl, status="ok",
                              rel_err=1e-3, tol=2e-2, ms=ms, spread_pct=1.0, tflops=80.0 / ms, speedup=1.0 / ms))
     for (M, K, N), phase in (((256, 4096, 8192), "fwd"), ((1, 8192, 8192), "fwd"), ((256, 4096, 8192), "jvp")):
         for impl, ms in (("eager", 0.05), ("fusedad", 0.04), ("cublaslt", 0.045)):
-            fl = figures.layer_flops(M, K, N, phase)
-            nb = figures.layer_bytes(M, K, N, phase, 2, "gelu_tanh")
+            fl = layers.layer_flops(M, K, N, phase)
+            nb = layers.layer_bytes(M, K, N, phase, 2, "gelu_tanh")
             row = dict(suite="layers", case=f"M{M} K{K} N{N}", M=M, K=K, N=N, dtype="bf16", activation="gelu_tanh",
                        phase=phase, impl=impl, status="ok", rel_err=1e-3, tol=2e-2, ms=ms, spread_pct=2.0,
-                       **figures.throughput(fl, nb, ms, peaks, "bf16"))
+                       **runner.throughput(fl, nb, ms, peaks, "bf16"))
             rows.append(row)
-        suites._relative_to_eager(rows[-3:], performance=True)
+        runner.vs_eager(rows[-3:], "ms", "speedup", invert=True)
     rows.append(dict(rows[-1], impl="compile", status="ERROR: BackendCompilerFailed: x", ms=None, tflops=None,
                      gbps=None, speedup=None))
     for impl, mb in (("eager", 300.0), ("fusedad", 250.0), ("planted-mismatch", None)):
         rows.append(dict(suite="memory", case="Net3 training step", dtype="bf16", activation="relu", phase="fwd+bwd",
                          impl=impl, status="ok" if mb else "FAIL", rel_err=1e-3 if mb else 0.1, tol=2e-2,
-                         peak_mb=mb, step_mb=mb and mb / 2))
-    suites._relative_to_eager(rows[-3:], performance=True)
+                         peak_mb=mb, step_mb=mb and mb / 2, mem_vs_eager=mb and mb / 300))
     return {"env": env, "peaks": peaks, "plan": report.plan_record(p), "rows": rows}
 
 
@@ -277,35 +347,97 @@ def test_cuda_report_and_plots_from_synthetic_rows(tmp_path):
     assert "measured peaks: GEMM 8192x8192x8192 TFLOP/s: bf16 700" in text
     md = report.markdown_report(dict(results, plots=written))
     assert "![roofline-bf16.png](roofline-bf16.png)" in md and "ERROR: BackendCompilerFailed" in md
-    mem = [r for r in results["rows"] if r["suite"] == "memory" and r["impl"] == "fusedad"][0]
-    assert mem["mem_vs_eager"] == pytest.approx(125 / 150)
+    layer = [r for r in results["rows"] if r["suite"] == "layers" and r["impl"] == "fusedad"][0]
+    assert layer["speedup"] == pytest.approx(0.05 / 0.04)
+    assert "| 250 | 125 | 0.83 |" in md  # memory: peak MiB, step MiB, step × eager
 
 
 def test_json_is_strict_and_records_field_meanings(tmp_path):
     results = _synthetic_cuda_results()
     results["rows"].append(dict(results["rows"][0], rel_err=math.nan, ms=math.inf))
-    report.write_json(results, tmp_path / "r.json")
-    data = _strict_json(tmp_path / "r.json")
+    report.write(results, tmp_path)
+    data = _strict_json(tmp_path / "results.json")
+    assert (tmp_path / "results.md").read_text().startswith("# fusedad benchmark")
     assert data["rows"][-1]["rel_err"] is None and data["rows"][-1]["ms"] is None
-    assert "speedup" in data["fields"]
+    assert {"speedup", "mode", "phase", "step_mb"} <= set(data["fields"])  # common ones and each suite's
+    assert data["plan"]["settings"]["layers"]["dtypes"] == ["bf16"]
 
 
-def test_cli_help_plan_options_and_cpu_results_dir_is_gitignored():
+def test_cli_help_and_options_apply_to_every_suite_that_has_the_setting():
     text = cli.build_parser().format_help()
     for word in ("--quick", "--suite", "--dtype", "--activation", "--phase", "--impl", "--shape", "--rounds",
-                 "--rep-ms", "--out", "modes", "layers", "memory", "do_bench", "FAIL"):
+                 "--rep-ms", "--out", "do_bench", "FAIL", *(f"  {s.name:8s} " for s in SUITES.values())):
         assert word in text
     assert "--plant-mismatch" not in text  # a test hook, hidden
     args = cli.build_parser().parse_args(["--quick", "--dtype", "fp16", "--impl", "fusedad", "--shape", "2x3x4"])
     p = cli.plan_from_args(args, "cpu")
-    assert p.dtypes == p.net3_dtypes == (torch.float16,)
-    assert p.impls == ("eager", "fusedad") and p.shapes == (plan.Shape(2, 3, 4),)
+    assert p.suites == ("modes", "layers", "memory")
+    assert all(s["dtypes"] == (torch.float16,) for s in p.settings.values())
+    assert p.impls == ("eager", "fusedad") and p.settings["layers"]["shapes"] == (plan.Shape(2, 3, 4),)
+    assert p.settings["memory"]["net3"] == impls.TINY_NET3 and "shapes" not in p.settings["memory"]
+    assert cli.plan_from_args(cli.build_parser().parse_args(["--suite", "memory"]), "cpu").suites == ("memory",)
     with pytest.raises(ValueError, match="MxKxN"):
         plan.Shape.parse("2x3")
-    out = cli.default_out_dir({"date": "2026-11-26T10:00:00+00:00"}, True, "cpu-interpreter")
-    assert out.parent == REPO / "bench" / "results" and out.name == "2026-11-26-cpu-interpreter-quick"
-    gitignore = (REPO / ".gitignore").read_text()
-    assert "/bench/results/*-cpu*/" in gitignore
+
+
+def test_a_new_suite_is_one_registration(tmp_path, monkeypatch, capsys):
+    """A suite defined here, registered through the interface and nothing else, is in --help and --suite,
+    takes --dtype, runs (checked, then timed), and has its table in the console and results.md, its
+    fields in results.json and its plot."""
+    from bench import plots
+
+    def preset(device, quick):
+        return {"dtypes": (torch.float32,), "sizes": (3, 5)}
+
+    def cases(settings, plan_):
+        for n in settings["sizes"]:
+            for dtype in settings["dtypes"]:
+                x = torch.arange(n, dtype=dtype)
+                yield runner.Case({"case": f"sum of {n}", "dtype": plan.DTYPE_NAMES[dtype], "n": n}, dtype,
+                                  lambda x=x: {"eager": lambda: (lambda: (x.sum(),)),
+                                               "fusedad": lambda: (lambda: (x.flip(0).sum(),))})
+
+    def plot(rows, results, out_dir):
+        plots.bar_chart(out_dir / "sums.png", results["env"], "sums", [("all", rows)], lambda r: r["case"],
+                        lambda r: r.get("ms"), "ms")
+        return ["sums.png"]
+
+    monkeypatch.setattr("bench.suites.SUITES", dict(SUITES))  # the registry as it was, after the test
+    register(Suite(name="sums", title="sums — a suite defined in a test", help="sums of a vector, to test the "
+                   "suite interface", preset=preset, cases=cases, plot=plot, fields={"n": "vector length"},
+                   columns=lambda perf: [("case", "case"), ("dtype", "dtype"), *report.timed_columns(perf)]))
+    assert "  sums     sums of a vector, to test the suite interface" in cli.build_parser().format_help()
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))  # main() may set it
+    out = tmp_path / "out"
+    argv = ["--suite", "sums", "--dtype", "fp16", "--rounds", "2", "--device", "cpu", "--out", str(out),
+            "--no-progress"]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "-- sums — a suite defined in a test" in text and re.search(r"sum of 5\s+fp16\s+fusedad\s+ok", text)
+    results = _strict_json(out / "results.json")
+    assert [(r["suite"], r["case"], r["dtype"], r["impl"], r["status"]) for r in results["rows"]] == [
+        ("sums", f"sum of {n}", "fp16", impl, "ok") for n in (3, 5) for impl in ("eager", "fusedad")]
+    assert all(len(r["round_ms"]) == 2 for r in results["rows"])
+    assert results["fields"]["n"] == "vector length" and results["fields"]["suite"] == "sums"
+    assert results["plots"] == ["sums.png", "correctness.png"]
+    assert (out / "sums.png").read_bytes().startswith(PNG_SIGNATURE)
+    md = (out / "results.md").read_text()
+    assert "## sums — a suite defined in a test" in md and "| sum of 3 | fp16 | fusedad | ok |" in md
+
+
+def test_a_suite_file_dropped_into_bench_suites_is_registered(tmp_path):
+    """The registry imports every module of bench/suites/: a new file there is all a suite needs (here
+    in a copy of bench/, so the checkout stays as it is)."""
+    shutil.copytree(REPO / "bench", tmp_path / "bench", ignore=shutil.ignore_patterns("__pycache__", "out"))
+    (tmp_path / "bench" / "suites" / "extra.py").write_text(
+        "from . import Suite\n"
+        "SUITE = Suite(name='extra', title='extra', help='a suite in its own file', preset=lambda d, q: {},\n"
+        "              cases=lambda settings, plan: [], columns=lambda perf: [])\n")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"suites:\n  modes .*\n  layers .*\n  memory .*\n  extra    a suite in its own file\n",
+                     proc.stdout.replace("\n           ", " ")), proc.stdout
 
 
 def test_gpu_check_script_parses():
