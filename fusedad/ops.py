@@ -1,4 +1,5 @@
-"""The kernels as ``torch.library`` custom ops, for ``torch.compile`` (and ``torch.export``/opcheck).
+"""The kernels as ``torch.library`` custom ops, for ``torch.compile``, ``torch.export``,
+``torch.jit.trace`` (and opcheck).
 
     fusedad::linear_fwd(x (M,K), weight (N,K), bias (N,)?, activation, store_preact) -> (y (M,N), z)
     fusedad::linear_bwd(grad_y (M,N), x?, weight?, saved?, activation, need_x, need_weight, need_bias)
@@ -9,18 +10,21 @@ an empty (0,) tensor (custom-op outputs cannot be None). ``activation`` is "none
 "gelu_tanh" or "silu".
 
 They are ``triton_op``s: on CUDA the body launches our kernels through ``wrap_triton``, so Inductor sees
-(and schedules) the real Triton kernels; on other devices the body is the eager path, which Inductor
-compiles as ordinary ops. ``fusedad.functional.linear`` routes here only while torch.compile traces
-(``torch.compiler.is_compiling()``): in eager mode the autograd Function launches the kernels
-directly, because a custom-op call costs tens of µs of dispatcher overhead (GUIDE §6).
+(and schedules) the real Triton kernels; under Triton's interpreter a call on real CPU tensors runs the
+same kernels; otherwise (other devices, and the interpreter while torch.compile traces) the body is the
+eager path, which Inductor compiles as ordinary ops. ``fusedad.functional.linear`` routes here only
+while a graph is captured — torch.compile / torch.export (``torch.compiler.is_compiling()``) and
+``torch.jit.trace`` (``torch.jit.is_tracing()``): in eager mode the autograd Function launches the
+kernels directly, because a custom-op call costs tens of µs of dispatcher overhead.
 
-Double backward and forward-mode AD are not registered for these ops: under torch.compile use first
-order reverse mode (eager mode has all three).
+Double backward and forward-mode AD are not registered for these ops: in a compiled, exported or
+traced model use first-order reverse mode (eager mode has all three).
 """
 import torch
 from torch.library import triton_op, wrap_triton
 
-from . import activations, eager
+from . import activations, backend, eager
+from ._validate import check_linear_args
 from .kernels import linear as kernels
 
 
@@ -28,11 +32,31 @@ def _act(name):
     return None if name == "none" else name
 
 
+def _runs_kernels(*tensors):
+    """Whether an op body launches our kernels (else it runs the eager path).
+
+    CUDA: always; ``wrap_triton`` makes the launch visible to torch.compile's tracing. Triton's
+    interpreter: only on real tensors (a plain call, the replay of a traced or exported model).
+    torch.compile also runs the body on functional (fake) tensors to trace it, and an interpreted
+    kernel cannot run on those (``wrap_triton`` passes it through unwrapped).
+    """
+    kind = backend.backend(tensors[0])
+    if kind == backend.TRITON:
+        return True
+    return kind == backend.INTERPRETER and all(type(t) in _PLAIN for t in tensors if t is not None)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 @triton_op("fusedad::linear_fwd", mutates_args=())
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
                store_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
     act = _act(activation)
-    if x.device.type == "cuda" and not kernels.INTERPRETER:
+    if _runs_kernels(x, weight, bias):
+        # A traced module replays this op with whatever it is given, and the kernels do no bounds
+        # checks of their own: the same argument checks as fusedad.linear (cheap, Python ints here).
+        check_linear_args(x, weight, bias)
         y, z, _, _ = kernels.linear_forward(x, weight, bias, activations.check_activation(act),
                                             store_preact=store_preact, wrap=wrap_triton)
     else:
@@ -46,7 +70,7 @@ def linear_bwd(grad_y: torch.Tensor, x: torch.Tensor | None, weight: torch.Tenso
                saved: torch.Tensor | None, activation: str, need_x: bool, need_weight: bool,
                need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     act = _act(activation)
-    if grad_y.device.type == "cuda" and not kernels.INTERPRETER:
+    if _runs_kernels(grad_y, x, weight, saved):
         dx, dw, db = kernels.linear_backward(grad_y, x, weight, saved, activations.check_activation(act),
                                              need_x, need_weight, need_bias, wrap=wrap_triton)
     else:
@@ -79,8 +103,14 @@ def _backward_fwd(ctx, grad_y, grad_z):
 linear_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
 
 
-def linear(x, weight, bias, activation):
-    """act(x·weightᵀ + bias) through the custom ops: x (M, K), weight (N, K), bias (N,) | None -> (M, N)."""
+def linear(x, weight, bias, activation, store_preact=None):
+    """act(x·weightᵀ + bias) through the custom ops: x (M, K), weight (N, K), bias (N,) | None -> (M, N).
+
+    store_preact: None = keep z for the backward exactly when grad mode is on; False = never (the
+    backward then recomputes it).
+    """
+    if store_preact is None:
+        store_preact = torch.is_grad_enabled()
     y, _ = torch.ops.fusedad.linear_fwd(x, weight, bias, activation or "none",
-                                        activation in activations.SMOOTH and torch.is_grad_enabled())
+                                        activation in activations.SMOOTH and store_preact)
     return y

@@ -129,6 +129,14 @@ def _launch(kernel, name, grid_fn, args, flags, M, N, K, dtype, device, wrap=Non
     body that torch.compile traces — then nothing may be timed, so the config comes from the autotune
     cache if this shape was tuned eagerly, else from the heuristic.
     """
+    if torch.jit.is_tracing():
+        # The tracer cannot record a Triton launch: the trace would keep the output's allocation and
+        # replay uninitialised memory. fusedad.linear / fusedad.nn.Linear never get here while tracing
+        # (they call the fusedad::linear_fwd op, inside which tracing is off); direct kernel calls do.
+        raise RuntimeError(
+            f"fusedad.kernels: a {name} launch cannot be recorded by torch.jit.trace. Trace fusedad.linear or "
+            "fusedad.nn.Linear (recorded as the fusedad::linear_fwd op), or capture the model with "
+            "torch.export.export")
     if INTERPRETER:
         cfg = configs.interpreter_config(M, N, K)
     else:

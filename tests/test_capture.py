@@ -6,7 +6,9 @@ recorded only the output's allocation would return stale memory, so every captur
 values and a new batch size, against plain ``nn`` layers, and (where the kernels run) by the launches
 its replay records.
 """
+import collections
 import copy
+import subprocess
 import sys
 import threading
 import time
@@ -21,6 +23,13 @@ from fusedad.kernels import configs
 from fusedad.kernels import linear as kernels
 from fusedad.kernels import record_launches
 
+pytestmark = [
+    # PyTorch 2.13 deprecates torch.jit.trace in favour of torch.export (still tested: users have it).
+    pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning"),
+    # The tracer warns on fusedad's argument checks of the layers' own feature sizes, which are
+    # constants of a traced module (the op checks its arguments again on every replay).
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+]
 device_param = pytest.mark.parametrize("device", DEVICES)
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -47,6 +56,111 @@ def _assert_same_fwd_bwd(model, ref, x):
     assert len(grads) == len(grads_ref)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, **TOL)
+
+
+def _ops(graph):
+    """The operator kinds a TorchScript graph calls, nested blocks (if/else) included, prim:: left out."""
+    kinds = []
+    for n in graph.nodes():
+        if not n.kind().startswith("prim::"):
+            kinds.append(n.kind())
+        for block in n.blocks():
+            kinds += _ops(block)
+    return kinds
+
+
+# ---- torch.jit.trace --------------------------------------------------------------------------------
+
+@device_param
+def test_trace_records_the_custom_op(device):
+    """Each layer is one fusedad::linear_fwd node: no aten::linear, no bare allocation of the output."""
+    _, model = _models(device)
+    traced = torch.jit.trace(model, (randn(3, 8, device=device),))
+    assert _ops(traced.inlined_graph) == ["fusedad::linear_fwd"] * 3
+
+
+@device_param
+def test_traced_module_recomputes_for_new_inputs(device):
+    """New values and a new batch size: the replay runs the kernels again, forward and backward, over
+    the new rows (a grid of its own, not the one of the trace)."""
+    ref, model = _models(device)
+    with record_launches() as at_trace:
+        traced = torch.jit.trace(model, (randn(3, 8, device=device),))
+    x = randn(100, 8, device=device, scale=2.0)
+    with record_launches() as log:
+        _assert_same_fwd_bwd(traced, ref, x)
+    if runs_kernels(device):
+        # Forward: one launch per layer. Backward: one fused launch per layer, plus the GELU layer's z
+        # recomputed (a trace never stores z: it is replayed in any grad mode).
+        assert collections.Counter(l.kernel for l in log) == {"linear_fwd": 4, "linear_bwd": 3}
+        with record_launches() as direct:
+            model(x)
+        assert [l.grid for l in log[:3]] == [l.grid for l in direct]
+        assert log[0].grid != at_trace[0].grid
+
+
+@device_param
+def test_trace_leading_dims_and_vector_input(device):
+    ref, model = _models(device)
+    traced = torch.jit.trace(model, (randn(2, 3, 8, device=device),))
+    _assert_same_fwd_bwd(traced, ref, randn(4, 5, 8, device=device))
+    traced_1d = torch.jit.trace(model, (randn(8, device=device),))
+    _assert_same_fwd_bwd(traced_1d, ref, randn(8, device=device))
+
+
+@device_param
+def test_traced_module_save_load(device, tmp_path):
+    """A saved trace loads (fusedad imported: that registers the op) and re-runs the op."""
+    ref, model = _models(device)
+    path = str(tmp_path / "traced.pt")
+    torch.jit.trace(model, (randn(3, 8, device=device),)).save(path)
+    loaded = torch.jit.load(path, map_location=device)
+    assert "fusedad::linear_fwd" in _ops(loaded.inlined_graph)
+    _assert_same_fwd_bwd(loaded, ref, randn(6, 8, device=device))
+    # Without `import fusedad` the op is unknown (what the README tells users).
+    proc = subprocess.run([sys.executable, "-c", f"import torch; torch.jit.load({path!r})"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "Unknown builtin op: fusedad::linear_fwd" in proc.stderr, proc.stderr[-2000:]
+
+
+@device_param
+def test_traced_module_checks_its_input(device):
+    """A trace replays the op with whatever it is given: the op itself rejects a wrong feature count."""
+    _, model = _models(device)
+    traced = torch.jit.trace(model, (randn(3, 8, device=device),))
+    with pytest.raises(RuntimeError, match="in_features=8" if runs_kernels(device) else "shapes"):
+        traced(randn(3, 7, device=device))
+
+
+@device_param
+def test_trace_with_main_grad_raises(device):
+    layer = fusedad.nn.Linear(8, 4, device=device, accumulate_main_grad=True)
+    with pytest.raises(NotImplementedError, match="accumulate_main_grad=False"):
+        torch.jit.trace(layer, (randn(3, 8, device=device),))
+    layer.accumulate_main_grad = False  # what the error says to do
+    traced = torch.jit.trace(layer, (randn(3, 8, device=device),))
+    x = randn(2, 8, device=device)
+    torch.testing.assert_close(traced(x), torch.nn.functional.linear(x, layer.weight, layer.bias), **TOL)
+
+
+@device_param
+def test_trace_of_a_direct_kernel_call_raises(device):
+    """The launch wrappers refuse to run under the tracer rather than leave a trace without the kernel."""
+    if not runs_kernels(device):
+        pytest.skip("the eager backend never calls the launch wrappers")
+    x, w = randn(3, 8, device=device), randn(4, 8, device=device)
+    with pytest.raises(RuntimeError, match="linear_fwd launch cannot be recorded by torch.jit.trace.*torch.export"):
+        torch.jit.trace(lambda x, w: kernels.linear_forward(x, w)[0], (x, w))
+
+
+def test_captured_model_has_first_order_reverse_mode_only():
+    """The op registers a backward but no double backward (as under torch.compile): PyTorch says so."""
+    _, model = _models("cpu")
+    traced = torch.jit.trace(model, (randn(3, 8),))
+    x = randn(3, 8, requires_grad=True)
+    (gx,) = torch.autograd.grad(traced(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+        gx.sum().backward()
 
 
 # ---- threads ------------------------------------------------------------------------------------------
