@@ -1,5 +1,5 @@
 """The kernels as ``torch.library`` custom ops, for ``torch.compile``, ``torch.export``,
-``torch.jit.trace`` (and opcheck).
+``torch.jit.trace`` / ``torch.jit.script`` (and opcheck).
 
     fusedad::linear_fwd(x (M,K), weight (N,K), bias (N,)?, activation, store_preact) -> (y (M,N), z)
     fusedad::linear_bwd(grad_y (M,N), x?, weight?, saved?, activation, need_x, need_weight, need_bias)
@@ -13,13 +13,16 @@ They are ``triton_op``s: on CUDA the body launches our kernels through ``wrap_tr
 (and schedules) the real Triton kernels; under Triton's interpreter a call on real CPU tensors runs the
 same kernels; otherwise (other devices, and the interpreter while torch.compile traces) the body is the
 eager path, which Inductor compiles as ordinary ops. ``fusedad.functional.linear`` routes here only
-while a graph is captured — torch.compile / torch.export (``torch.compiler.is_compiling()``) and
-``torch.jit.trace`` (``torch.jit.is_tracing()``): in eager mode the autograd Function launches the
-kernels directly, because a custom-op call costs tens of µs of dispatcher overhead.
+while a graph is captured — torch.compile / torch.export (``torch.compiler.is_compiling()``),
+``torch.jit.trace`` (``torch.jit.is_tracing()``) and a scripted ``fusedad.nn.Linear``
+(``scripted_linear``): in eager mode the autograd Function launches the kernels directly, because a
+custom-op call costs tens of µs of dispatcher overhead.
 
-Double backward and forward-mode AD are not registered for these ops: in a compiled, exported or
-traced model use first-order reverse mode (eager mode has all three).
+Double backward and forward-mode AD are not registered for these ops: in a compiled, exported, traced
+or scripted model use first-order reverse mode (eager mode has all three).
 """
+from typing import Optional
+
 import torch
 from torch.library import triton_op, wrap_triton
 
@@ -36,9 +39,9 @@ def _runs_kernels(*tensors):
     """Whether an op body launches our kernels (else it runs the eager path).
 
     CUDA: always; ``wrap_triton`` makes the launch visible to torch.compile's tracing. Triton's
-    interpreter: only on real tensors (a plain call, the replay of a traced or exported model).
-    torch.compile also runs the body on functional (fake) tensors to trace it, and an interpreted
-    kernel cannot run on those (``wrap_triton`` passes it through unwrapped).
+    interpreter: only on real tensors (a plain call, the replay of a traced, scripted or exported
+    model). torch.compile also runs the body on functional (fake) tensors to trace it, and an
+    interpreted kernel cannot run on those (``wrap_triton`` passes it through unwrapped).
     """
     kind = backend.backend(tensors[0])
     if kind == backend.TRITON:
@@ -114,3 +117,24 @@ def linear(x, weight, bias, activation, store_preact=None):
     y, _ = torch.ops.fusedad.linear_fwd(x, weight, bias, activation or "none",
                                         activation in activations.SMOOTH and store_preact)
     return y
+
+
+def scripted_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    activation: Optional[str], accumulate_main_grad: bool) -> torch.Tensor:
+    """``fusedad.nn.Linear.forward`` as TorchScript compiles it: input (*, K) -> (*, N) by one op call.
+
+    A scripted model cannot run the Python layers (autograd Function, direct launches); it calls
+    ``fusedad::linear_fwd`` as an op, which keeps the kernels and the registered backward.
+    """
+    if accumulate_main_grad and weight.requires_grad:
+        raise RuntimeError("fusedad: accumulate_main_grad=True cannot be scripted: the script's backward is the "
+                           "custom op's, which returns dW instead of adding it into main_grad. Script with "
+                           "accumulate_main_grad=False (the model then fills weight.grad)")
+    act = "none" if activation is None else activation
+    store_preact = act in ["gelu", "gelu_tanh", "silu"] and torch.is_grad_enabled()
+    lead = input.shape[:-1]
+    rows = 1
+    for size in lead:
+        rows *= size
+    y, _ = torch.ops.fusedad.linear_fwd(input.reshape(rows, input.shape[-1]), weight, bias, act, store_preact)
+    return y.reshape(lead + [weight.shape[0]])

@@ -24,7 +24,7 @@ from fusedad.kernels import linear as kernels
 from fusedad.kernels import record_launches
 
 pytestmark = [
-    # PyTorch 2.13 deprecates torch.jit.trace in favour of torch.export (still tested: users have it).
+    # PyTorch 2.13 deprecates torch.jit.trace/script in favour of torch.export (still tested: users have them).
     pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning"),
     # The tracer warns on fusedad's argument checks of the layers' own feature sizes, which are
     # constants of a traced module (the op checks its arguments again on every replay).
@@ -161,6 +161,49 @@ def test_captured_model_has_first_order_reverse_mode_only():
     (gx,) = torch.autograd.grad(traced(x).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         gx.sum().backward()
+
+
+# ---- torch.jit.script -------------------------------------------------------------------------------
+
+@device_param
+def test_script_module_holding_fusedad_layers(device, tmp_path):
+    """Scripting compiles fusedad.nn.Linear.forward's TorchScript branch: one op call per layer."""
+    ref, model = _models(device)
+    scripted = torch.jit.script(model)
+    assert _ops(scripted.inlined_graph).count("fusedad::linear_fwd") == 3
+    for shape in [(5, 8), (2, 3, 8), (8,)]:
+        with record_launches() as log:
+            _assert_same_fwd_bwd(scripted, ref, randn(*shape, device=device))
+        if runs_kernels(device):  # grad mode: z kept, so no recompute
+            assert collections.Counter(l.kernel for l in log) == {"linear_fwd": 3, "linear_bwd": 3}
+    with torch.no_grad():
+        assert scripted(randn(3, 8, device=device)).shape == (3, 4)
+    scripted.save(str(tmp_path / "scripted.pt"))
+    _assert_same_fwd_bwd(torch.jit.load(str(tmp_path / "scripted.pt"), map_location=device), ref,
+                         randn(7, 8, device=device))
+
+
+@device_param
+def test_script_with_main_grad_raises(device):
+    scripted = torch.jit.script(fusedad.nn.Linear(8, 4, device=device, accumulate_main_grad=True))
+    with pytest.raises(torch.jit.Error, match="accumulate_main_grad=True cannot be scripted"):
+        scripted(randn(3, 8, device=device))
+
+
+def test_script_of_a_direct_functional_call_does_not_compile():
+    """fusedad.linear itself is Python (autograd Function, launches): TorchScript rejects it. Hold
+    fusedad.nn.Linear layers, or trace / export, instead."""
+
+    class Direct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, x):
+            return fusedad.linear(x, self.weight, None, "relu")
+
+    with pytest.raises(torch.jit.frontend.NotSupportedError):
+        torch.jit.script(Direct())
 
 
 # ---- threads ------------------------------------------------------------------------------------------
