@@ -68,6 +68,16 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y, (z if z is not None else x.new_empty(0))
 
 
+@linear_fwd.register_fake
+def _linear_fwd_fake(x, weight, bias, activation, store_preact):
+    # Shapes only. triton_op registers the body itself as the fake kernel, but on CUDA the body's
+    # launcher branches on the row count (tile bucket, int64 offsets): run on torch.export's symbolic
+    # sizes, that would add guards contradicting a dynamic batch dimension. torch.compile still traces
+    # the body itself (its decomposition into the kernel launches).
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    return y, (torch.empty_like(y) if store_preact else x.new_empty(0))
+
+
 @triton_op("fusedad::linear_bwd", mutates_args=())
 def linear_bwd(grad_y: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None,
                saved: torch.Tensor | None, activation: str, need_x: bool, need_weight: bool,
