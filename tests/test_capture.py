@@ -455,3 +455,61 @@ def test_eager_backend_trace_script_export_threads():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["trace", "ok", "script", "ok", "export", "ok", "threads", "ok"], proc.stdout
+
+
+# ---- what already worked, kept working ----------------------------------------------------------------
+
+@device_param
+def test_deepcopy(device):
+    ref, model = _models(device)
+    clone = copy.deepcopy(model)
+    assert type(clone[0]) is fusedad.nn.Linear and clone[0].activation == "gelu"
+    _assert_same_fwd_bwd(clone, ref, randn(5, 8, device=device))
+    with torch.no_grad():
+        clone[0].weight.add_(1.0)  # its own parameters, not the original's
+    x = randn(2, 8, device=device)
+    torch.testing.assert_close(model(x), ref(x), **TOL)
+
+
+@device_param
+def test_whole_model_save_load(device, tmp_path):
+    """torch.save of the module object (pickled: loading needs weights_only=False and fusedad importable)."""
+    ref, model = _models(device)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False, map_location=device)
+    assert [type(m).__name__ for m in loaded] == ["Linear", "Identity", "Linear", "Identity", "Linear"]
+    assert isinstance(loaded[0], fusedad.nn.Linear) and loaded[2].activation == "relu"
+    _assert_same_fwd_bwd(loaded, ref, randn(5, 8, device=device))
+
+
+def test_meta_device_gives_shapes_without_a_launch():
+    """On the meta device (shape inference, deferred init) nothing is launched: the eager path runs."""
+    _, model = _models("cpu")
+    model = model.to("meta")
+    x = torch.empty(3, 5, 8, device="meta", requires_grad=True)
+    assert fusedad.backend(x) == "eager"
+    with record_launches() as log:
+        y = model(x)
+        y.sum().backward()
+    assert y.shape == (3, 5, 4) and y.device.type == "meta" and x.grad.shape == x.shape
+    assert model[0].weight.grad.shape == (16, 8) and log == []
+
+
+@device_param
+def test_module_hooks(device):
+    """Forward pre-hooks and forward hooks can change input and output; full backward hooks see the
+    layer's gradients — as on nn.Linear."""
+    ref, model = _models(device)
+    seen = {}
+
+    def backward_hook(mod, grad_input, grad_output):
+        seen[mod] = (grad_input[0], grad_output[0])
+
+    for m in (ref, model):
+        m[0].register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
+        m[4].register_forward_hook(lambda mod, args, out: out + 1)
+        m[4].register_full_backward_hook(backward_hook)  # the unfused layer: same output in both
+    _assert_same_fwd_bwd(model, ref, randn(5, 8, device=device))
+    (gin, gout), (gin_ref, gout_ref) = seen[model[4]], seen[ref[4]]
+    torch.testing.assert_close(gin, gin_ref, **TOL)
+    torch.testing.assert_close(gout, gout_ref, **TOL)
