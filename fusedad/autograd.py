@@ -175,6 +175,8 @@ def route(x, weight, bias, act, weight_main_grad=None):
             raise NotImplementedError("fusedad: weight_main_grad is not supported under torch.compile")
         # Dynamo: an opaque custom op with registered autograd; its CUDA body is our Triton kernels.
         return ops.linear(x, weight, bias, act)
+    if torch.jit.is_tracing():
+        return _traced(x, weight, bias, act, weight_main_grad)
     wrapped = any(is_functorch_tensor(t) for t in (x, weight, bias))
     duals = _forward_tangents(x, weight, bias, wrapped)
     if duals is not None and not any(is_functorch_tensor(t) for pair in duals for t in pair):
@@ -193,3 +195,21 @@ def route(x, weight, bias, act, weight_main_grad=None):
     # Nothing to differentiate (no_grad, inference_mode, or no input requires grad): no graph,
     # nothing saved, no pre-activation written.
     return backend.select(x.device).forward(x, weight, bias, act)[0]
+
+
+def _traced(x, weight, bias, act, weight_main_grad):
+    """Under ``torch.jit.trace``: one ``fusedad::linear_fwd`` call, which the tracer records as an op.
+
+    The tracer cannot see a Triton launch (nor an autograd Function's body as anything it can replay):
+    on the direct path a trace would keep only the output's allocation and replay stale memory. The
+    custom op is recorded as one node and re-run, with its registered backward, on every call of the
+    traced module. z is never stored: the trace is replayed under any grad mode (its own check re-runs
+    it under no_grad), so the flag must not depend on the mode at trace time; a backward through the
+    traced module recomputes z.
+    """
+    if weight_main_grad is not None:
+        raise NotImplementedError(
+            "fusedad: weight_main_grad (accumulate_main_grad=True) cannot be traced: the trace's backward is the "
+            "custom op's, which returns dW instead of adding it into main_grad. Trace with "
+            "accumulate_main_grad=False (the traced model then fills weight.grad)")
+    return ops.linear(x, weight, bias, act, store_preact=False)

@@ -8,7 +8,7 @@
 
 ``select(device)`` returns a ``Backend`` with ``forward`` and ``backward`` (the contract of
 ``kernels/linear.py``, activations as table rows). Inside a graph that Inductor compiles (the custom
-ops' bodies under torch.compile) the interpreter is never chosen: a CPU tensor takes the eager path.
+ops' bodies on torch.compile's fake tensors) the interpreter is never chosen: those take the eager path.
 """
 import dataclasses
 from typing import Callable
@@ -49,8 +49,24 @@ def _name(device_type, in_graph):
 
 
 def select(device, in_graph=False):
-    """The Backend for tensors on ``device`` (a torch.device); ``in_graph``: inside a custom op's body."""
+    """The Backend for tensors on ``device`` (a torch.device); ``in_graph``: inside a custom op's body
+    that torch.compile is tracing (see ``select_for_op``)."""
     return _BACKENDS[_name(device.type, in_graph)]
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def select_for_op(*tensors):
+    """The Backend for a custom op's body called on ``tensors`` (None entries ignored).
+
+    CUDA: the kernels (``wrap_triton`` makes the launch visible to torch.compile). Triton's interpreter:
+    only on real tensors (a plain call, the replay of a traced, scripted or exported model);
+    torch.compile also runs the body on functional (fake) tensors to trace it, and an interpreted
+    kernel cannot run on those, so they take the eager path, which Inductor compiles as ordinary ops.
+    """
+    plain = all(type(t) in _PLAIN for t in tensors if t is not None)
+    return select(tensors[0].device, in_graph=not plain)
 
 
 def backend(tensor_or_device):

@@ -1,7 +1,7 @@
 """``fusedad.nn.Linear``: a drop-in ``torch.nn.Linear`` running the fused kernels."""
 import torch
 
-from . import activations
+from . import activations, ops
 from .functional import linear
 
 
@@ -33,6 +33,10 @@ class Linear(torch.nn.Linear):
         self.accumulate_main_grad = accumulate_main_grad
 
     def forward(self, input):
+        if torch.jit.is_scripting():
+            # TorchScript compiles only this branch (is_scripting() is a constant to it, the Python path
+            # below is never compiled); see ops.scripted_linear.
+            return ops.scripted_linear(input, self.weight, self.bias, self.activation, self.accumulate_main_grad)
         main_grad = None
         if self.accumulate_main_grad and self.weight.requires_grad:
             _refuse_main_grad_under_ddp()

@@ -1,49 +1,72 @@
-"""The kernels as ``torch.library`` custom ops, for ``torch.compile`` (and ``torch.export``/opcheck).
+"""The kernels as ``torch.library`` custom ops, for ``torch.compile``, ``torch.export``,
+``torch.jit.trace`` / ``torch.jit.script`` (and opcheck).
 
     fusedad::linear_fwd(x (M,K), weight (N,K), bias (N,)?, activation, store_preact) -> (y (M,N), z)
     fusedad::linear_bwd(grad_y (M,N), x?, weight?, saved?, activation, need_x, need_weight, need_bias)
         -> (grad_x (M,K), grad_w (N,K), grad_b (N,))
 
-z is (M, N) when ``store_preact`` else an empty (0,) tensor; a gradient not asked for comes back as
-an empty (0,) tensor (custom-op outputs cannot be None). ``activation`` is an activation table name,
-"none" for no activation.
+``store_preact``: a backward may follow, so keep z when the activation's derivative reads it; z is then
+(M, N), else an empty (0,) tensor. A gradient not asked for comes back as an empty (0,) tensor
+(custom-op outputs cannot be None). ``activation`` is an activation table name, "none" for none.
 
 They are ``triton_op``s: on CUDA the body launches our kernels through ``wrap_triton``, so Inductor sees
-(and schedules) the real Triton kernels; on other devices the body is the eager path, which Inductor
-compiles as ordinary ops (``backend.select(..., in_graph=True)`` decides). ``fusedad.functional.linear``
-routes here only while torch.compile traces: in eager mode the autograd Function launches the kernels
-directly, because crossing the custom-op dispatcher costs tens of µs per call (measured elsewhere at
-~85 µs per call for a comparable op; ``python -m bench.overhead`` measures what fusedad adds).
+(and schedules) the real Triton kernels; under Triton's interpreter a call on real CPU tensors runs the
+same kernels; otherwise (other devices, and torch.compile's fake tensors under the interpreter) the body
+is the eager path, which Inductor compiles as ordinary ops (``backend.select_for_op`` decides).
+``fusedad.functional.linear`` routes here only while a graph is captured — torch.compile /
+torch.export (``torch.compiler.is_compiling()``), ``torch.jit.trace`` (``torch.jit.is_tracing()``) and
+a scripted ``fusedad.nn.Linear`` (``scripted_linear``): in eager mode the autograd Function launches the
+kernels directly, because crossing the custom-op dispatcher costs tens of µs per call
+(``python -m bench.overhead`` measures what fusedad adds).
 
-Double backward and forward-mode AD are not registered for these ops: under torch.compile use first
-order reverse mode (eager mode has all three).
+Double backward and forward-mode AD are not registered for these ops: in a compiled, exported, traced
+or scripted model use first-order reverse mode (eager mode has all three).
 """
+from typing import Optional
+
 import torch
 from torch.library import triton_op, wrap_triton
 
 from . import activations, backend, derivatives
+from ._validate import check_linear_args
 
 
-def _in_graph(device):
-    """The backend for a custom op's body, and the extra launch arguments it takes there."""
-    chosen = backend.select(device, in_graph=True)
+def _body_backend(*tensors):
+    """The backend for an op's body, and the extra launch arguments it takes there."""
+    chosen = backend.select_for_op(*tensors)
     return chosen, ({"wrap": wrap_triton} if chosen.runs_kernels else {})
 
 
 @triton_op("fusedad::linear_fwd", mutates_args=())
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
                store_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    chosen, extra = _in_graph(x.device)
-    y, z, _, _ = chosen.forward(x, weight, bias, activations.lookup(activation), store_preact=store_preact, **extra)
+    act = activations.lookup(activation)
+    chosen, extra = _body_backend(x, weight, bias)
+    if chosen.runs_kernels:
+        # A traced module replays this op with whatever it is given, and the kernels do no bounds
+        # checks of their own: the same argument checks as fusedad.linear (cheap, Python ints here).
+        check_linear_args(x, weight, bias)
+    y, z, _, _ = chosen.forward(x, weight, bias, act, store_preact=store_preact and act.needs_z, **extra)
     y = y.clone() if y is z else y  # outputs must not alias (no activation, eager path)
     return y, (z if z is not None else x.new_empty(0))
+
+
+@linear_fwd.register_fake
+def _linear_fwd_fake(x, weight, bias, activation, store_preact):
+    # Shapes only. triton_op registers the body itself as the fake kernel, but on CUDA the body's
+    # launcher branches on the row count (tile bucket, int64 offsets): run on torch.export's symbolic
+    # sizes, that would add guards contradicting a dynamic batch dimension. torch.compile still traces
+    # the body itself (its decomposition into the kernel launches).
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    keep_z = store_preact and activations.lookup(activation).needs_z
+    return y, (torch.empty_like(y) if keep_z else x.new_empty(0))
 
 
 @triton_op("fusedad::linear_bwd", mutates_args=())
 def linear_bwd(grad_y: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor | None,
                saved: torch.Tensor | None, activation: str, need_x: bool, need_weight: bool,
                need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    chosen, extra = _in_graph(grad_y.device)
+    chosen, extra = _body_backend(grad_y, x, weight, saved)
     dx, dw, db = chosen.backward(grad_y, x, weight, saved, activations.lookup(activation), need_x, need_weight,
                                  need_bias, **extra)
     empty = grad_y.new_empty(0)
@@ -81,7 +104,34 @@ def _backward_fwd(ctx, grad_y, grad_z):
 linear_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
 
 
-def linear(x, weight, bias, act):
-    """act(x·weightᵀ + bias) through the custom ops: x (M, K), weight (N, K), bias (N,) | None -> (M, N)."""
-    y, _ = torch.ops.fusedad.linear_fwd(x, weight, bias, act.op_name, act.needs_z and torch.is_grad_enabled())
+def linear(x, weight, bias, act, store_preact=None):
+    """act(x·weightᵀ + bias) through the custom ops: x (M, K), weight (N, K), bias (N,) | None -> (M, N).
+
+    act: an activation table row. store_preact: None = keep z for the backward exactly when grad mode
+    is on; False = never (a backward then recomputes it).
+    """
+    if store_preact is None:
+        store_preact = torch.is_grad_enabled()
+    y, _ = torch.ops.fusedad.linear_fwd(x, weight, bias, act.op_name, store_preact)
     return y
+
+
+def scripted_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    activation: Optional[str], accumulate_main_grad: bool) -> torch.Tensor:
+    """``fusedad.nn.Linear.forward`` as TorchScript compiles it: input (*, K) -> (*, N) by one op call.
+
+    A scripted model cannot run the Python layers (autograd Function, direct launches); it calls
+    ``fusedad::linear_fwd`` as an op, which keeps the kernels and the registered backward.
+    """
+    if accumulate_main_grad and weight.requires_grad:
+        raise RuntimeError("fusedad: accumulate_main_grad=True cannot be scripted: the script's backward is the "
+                           "custom op's, which returns dW instead of adding it into main_grad. Script with "
+                           "accumulate_main_grad=False (the model then fills weight.grad)")
+    act = "none" if activation is None else activation
+    lead = input.shape[:-1]
+    rows = 1
+    for size in lead:
+        rows *= size
+    y, _ = torch.ops.fusedad.linear_fwd(input.reshape(rows, input.shape[-1]), weight, bias, act,
+                                        torch.is_grad_enabled())
+    return y.reshape(lead + [weight.shape[0]])

@@ -11,6 +11,7 @@ Autotuning rules:
 """
 import dataclasses
 import os
+import threading
 
 import torch
 
@@ -98,6 +99,9 @@ def autotune_enabled():
 
 
 _CACHE = {}
+# Held while a key is tuned: threads asking for the same new key wait for one timing search instead of
+# running their own at once (their launches would also skew each other's timings). Hits skip it.
+_TUNE_LOCK = threading.Lock()
 
 
 def tuned_config(key, M, N, K, dtype, run, bench, tune=True, space=None):
@@ -109,20 +113,24 @@ def tuned_config(key, M, N, K, dtype, run, bench, tune=True, space=None):
     tune:  False where nothing may be timed (inside torch.compile tracing): cache hit or heuristic.
     A config that fails to compile or launch (e.g. out of shared memory) is skipped.
     """
-    if key in _CACHE:
-        return _CACHE[key]
+    cfg = _CACHE.get(key)
+    if cfg is not None:
+        return cfg
     cands = (space or candidates)(M, N, K, dtype)
     if not (tune and autotune_enabled()):
         return cands[0]
-    best, best_ms = cands[0], float("inf")
-    for cfg in cands:
-        try:
-            ms = bench(lambda cfg=cfg: run(cfg))
-        except Exception:  # noqa: BLE001 - OutOfResources / compile errors: not a usable config
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    _CACHE[key] = best
+    with _TUNE_LOCK:
+        if key in _CACHE:  # tuned by another thread while this one waited
+            return _CACHE[key]
+        best, best_ms = cands[0], float("inf")
+        for cfg in cands:
+            try:
+                ms = bench(lambda cfg=cfg: run(cfg))
+            except Exception:  # noqa: BLE001 - OutOfResources / compile errors: not a usable config
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        _CACHE[key] = best
     return best
 
 

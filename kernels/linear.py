@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -43,18 +44,34 @@ class Launch:
     args: tuple = ()
 
 
-_RECORDERS = []
+# The open recorders: a tuple replaced (never mutated) under the lock, so a launch on another thread
+# iterates a consistent snapshot while recorders open and close.
+_RECORDERS = ()
+_RECORDERS_LOCK = threading.Lock()
+
+# Triton's interpreter patches module-level state of triton.language while a kernel runs: two
+# interpreted launches at once (from two threads) corrupt each other. It is a test backend, so
+# launches are simply serialised.
+_INTERPRETER_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def record_launches():
-    """Collect a :class:`Launch` for every kernel launched inside the ``with`` block."""
+    """Collect a :class:`Launch` for every kernel launched inside the ``with`` block.
+
+    Process-wide: the log also receives launches made meanwhile by other threads. A per-thread log
+    would miss the backward on CUDA, whose kernels the autograd engine launches from its own worker
+    thread for that device.
+    """
+    global _RECORDERS
     log = []
-    _RECORDERS.append(log)
+    with _RECORDERS_LOCK:
+        _RECORDERS = _RECORDERS + (log,)
     try:
         yield log
     finally:
-        _RECORDERS.remove(log)
+        with _RECORDERS_LOCK:
+            _RECORDERS = tuple(r for r in _RECORDERS if r is not log)
 
 
 def _alloc(shape, like, dtype=None):
@@ -66,7 +83,11 @@ def _alloc(shape, like, dtype=None):
 
 @functools.lru_cache(maxsize=None)
 def _device_name(index):
-    """The card's name (the autotune cache is per device model); index None = the current device."""
+    """The card's name (the autotune cache is per device model); index None = the current device.
+
+    Safe from several threads: lru_cache keeps its table consistent under concurrent calls; two threads
+    missing at once may both ask CUDA for the name, which is harmless (same answer, no side effect).
+    """
     return torch.cuda.get_device_name(index)
 
 
@@ -131,6 +152,14 @@ def _launch(direction, args, flags, M, N, K, dtype, device, tensors, wrap=None):
     """
     problem = variants.Problem(M, N, K, dtype, tensors, flags)
     variant = variants.select(direction, problem)
+    if torch.jit.is_tracing():
+        # The tracer cannot record a Triton launch: the trace would keep the output's allocation and
+        # replay uninitialised memory. fusedad.linear / fusedad.nn.Linear never get here while tracing
+        # (they call the fusedad::linear_fwd op, inside which tracing is off); direct kernel calls do.
+        raise RuntimeError(
+            f"fusedad.kernels: a {variant.name} launch cannot be recorded by torch.jit.trace. Trace fusedad.linear or "
+            "fusedad.nn.Linear (recorded as the fusedad::linear_fwd op), or capture the model with "
+            "torch.export.export")
     kernel = variant.kernel
     if INTERPRETER:
         cfg = configs.interpreter_config(M, N, K)
@@ -149,7 +178,8 @@ def _launch(direction, args, flags, M, N, K, dtype, device, tensors, wrap=None):
         return
     launcher = kernel if wrap is None else wrap(kernel)
     if INTERPRETER:
-        launcher[grid](*args, **flags, **cfg.launch_kwargs())
+        with _INTERPRETER_LOCK:
+            launcher[grid](*args, **flags, **cfg.launch_kwargs())
     else:
         # The tensors' own device, not the current one: a backward may run on another thread/device.
         with torch.cuda.device(device):
