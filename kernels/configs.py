@@ -94,6 +94,14 @@ def tangent_candidates(M, N, K, dtype):
     return [c for c in candidates(M, N, K, dtype) if c.BLOCK_M * c.BLOCK_N <= 1024 * c.num_warps]
 
 
+def elementwise_candidates(M, N, K, dtype):
+    """The tile of the dZ pass (elementwise over M×N, no reduction dimension: BLOCK_K is unused), used
+    as is (never timed: its BLOCK_M also fixes how many db partial sums there are). 32×128 with 4 warps:
+    32 elements per thread, contiguous 128-wide rows for coalesced 16-bit loads. A guess, to be checked
+    against copy bandwidth on a GPU."""
+    return [TileConfig(BLOCK_M=32, BLOCK_N=128, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1)]
+
+
 def autotune_enabled():
     return os.environ.get("FUSEDAD_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
 

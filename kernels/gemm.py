@@ -8,10 +8,14 @@ or expanded operands need no copy), specialised by ``tl.constexpr`` flags (passe
   backward will need it), ``Y = act(Z)``.
 * forward mode ``_linear_fwd_tangent_kernel``: the same tiles, and in lockstep (the same X and W tiles
   feed both products) ``Ż = Ẋ·Wᵀ + X·Ẇᵀ + ḃ`` and ``Ẏ = act'(Z) ⊙ Ż`` written beside Y.
-* backward ``_linear_bwd_kernel``: one grid covering the tiles of both products,
+* backward, in two launches (the default): ``_dz_kernel``, one elementwise pass over (M, N) that
+  writes ``dZ = dY ⊙ act'(Z)`` in the operand dtype and per-row-block partial sums of ``db = Σ_m dZ``;
+  then ``_linear_bwd_kernel`` with no activation, one grid covering the tiles of both products,
       dX = dZ·W      (M×K, reduce over N)        dW = dZᵀ·X      (N×K, reduce over M)
-  with ``dZ = dY ⊙ act'(Z)`` formed in the A-operand prologue (no separate elementwise pass) and
-  ``db = Σ_m dZ`` summed from the same A tiles in the dW tiles of the first K column.
+  act' is then computed once per element, not once per tile that reads it (K/BLOCK_N times for dX and
+  again for dW), and the GEMM main loop is the bare product (see bench/NOTES.md for the instruction
+  counts). ``_linear_bwd_kernel`` can still form dZ in its A-operand prologue and db from the dW tiles of
+  the first K column (one launch, the first design): kept as a variant to measure against.
 
 Offsets are int32 unless the launcher sets ``INT64``: it does so whenever any operand's largest element
 offset reaches 2³¹ (a >2³¹-element tensor, or a view with a huge stride), where int32 would wrap.
@@ -319,3 +323,37 @@ def _linear_bwd_kernel(
             # Every K column of tiles sees the same dZ rows; the first one writes db (no atomics).
             if pid_k == 0:
                 tl.store(db_ptr + offs_n * stride_db, _cast(rowsum, db_ptr.dtype.element_ty, EMULATE_BF16), mask=mask_n)
+
+
+@triton.jit
+def _dz_kernel(
+    dy_ptr, s_ptr, dz_ptr, dbp_ptr,
+    M, N,
+    stride_dym, stride_dyn, stride_sm, stride_sn, stride_dzm, stride_dzn, stride_dbpm,
+    ACT: tl.constexpr, WRITE_DZ: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,  # unused: every launch passes a whole TileConfig
+):
+    """dZ = dY ⊙ act'(S) written in the operand dtype (WRITE_DZ), and dbp[i, n] = Σ_{m in row block i} dZ[m, n]
+    in fp32 (fp64 for fp64) (COMPUTE_DB): the launcher sums dbp over its rows, in a fixed order.
+
+    dy, s, dz: (M, N)  dbp: (cdiv(M, BLOCK_M), N)
+    """
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, 1)
+    offs_m, offs_n = _tile_offsets(pid_m, pid_n, BLOCK_M, BLOCK_N, INT64)
+    mask_n = offs_n < N
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
+    if FP64:
+        g = dy.to(tl.float64)
+    else:
+        g = dy.to(tl.float32)
+    if ACT != ACT_NONE:
+        s = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=mask, other=0.0)
+        g = chain_activation(g, s.to(g.dtype), ACT)
+    if WRITE_DZ:
+        _store_tile(dz_ptr, offs_m, offs_n, stride_dzm, stride_dzn, g, mask, EMULATE_BF16)
+    if COMPUTE_DB:
+        # Masked elements load as 0 and every chain rule maps (0, 0) to 0: they add nothing.
+        tl.store(dbp_ptr + pid_m * stride_dbpm + offs_n, tl.sum(g, axis=0), mask=mask_n)

@@ -142,16 +142,16 @@ def _strides(t, ndim):
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
 
-def _launch(direction, args, flags, M, N, K, dtype, device, tensors, wrap=None):
-    """Select the kernel variant, pick a config (interpreter / cached autotune / heuristic), record the
-    launch and run it.
+def _launch(direction, args, flags, M, N, K, dtype, device, tensors, wrap=None, variant=None, config=None):
+    """Select the kernel variant (unless given), pick a config (unless given: interpreter / cached
+    autotune / heuristic), record the launch and run it.
 
     wrap: None for a plain launch, or ``torch.library.wrap_triton`` when called from a ``triton_op``
     body that torch.compile traces — then nothing may be timed, so the config comes from the autotune
     cache if this shape was tuned eagerly, else from the heuristic.
     """
     problem = variants.Problem(M, N, K, dtype, tensors, flags)
-    variant = variants.select(direction, problem)
+    variant = variant or variants.select(direction, problem)
     if torch.jit.is_tracing():
         # The tracer cannot record a Triton launch: the trace would keep the output's allocation and
         # replay uninitialised memory. fusedad.linear / fusedad.nn.Linear never get here while tracing
@@ -161,7 +161,9 @@ def _launch(direction, args, flags, M, N, K, dtype, device, tensors, wrap=None):
             "fusedad.nn.Linear (recorded as the fusedad::linear_fwd op), or capture the model with "
             "torch.export.export")
     kernel = variant.kernel
-    if INTERPRETER:
+    if config is not None:
+        cfg = config
+    elif INTERPRETER:
         cfg = configs.interpreter_config(M, N, K)
     else:
         def run(c):
@@ -263,18 +265,52 @@ def linear_backward(grad_y, x, weight, saved, activation=None,
     if need_weight and not compute_dw and not accumulate:
         dw.zero_()
     tensors = (grad_y, x, weight, saved, dx, dw, db)
-    flags = dict(ACT=act.kernel_id, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-                 ACCUMULATE_DW=accumulate and compute_dw, **_common_flags(ref.dtype, *tensors[:6]))
-    s = saved if act.saves is not None else grad_y
+    common = _common_flags(ref.dtype, *tensors[:6])
+    plan = dict(COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+                ACCUMULATE_DW=accumulate and compute_dw)
+    variant = variants.select("bwd", variants.Problem(M, N, K, ref.dtype, tensors, dict(plan, ACT=act.kernel_id)))
+    operand, prologue_act = grad_y, act
+    if variant.dz_pass and (act.saves is not None or compute_db):
+        # dZ (and db) once per element; the GEMMs below then read dZ as plain operands.
+        operand = _dz_pass(grad_y, saved, act, db if compute_db else None, common, wrap)
+        prologue_act, plan["COMPUTE_DB"] = lookup(None), False
+        if not (compute_dx or compute_dw):
+            return dx, dw, db
+    s = saved if prologue_act.saves is not None else operand
     args = (
-        grad_y, _or(x, ref), _or(weight, ref), s, _or(dx, ref), _or(dw, ref), _or(db, ref),
+        operand, _or(x, ref), _or(weight, ref), s, _or(dx, ref), _or(dw, ref), _or(db, ref),
         M, N, K,
-        *grad_y.stride(), *_strides(x, 2), *_strides(weight, 2), *s.stride(),
+        *operand.stride(), *_strides(x, 2), *_strides(weight, 2), *s.stride(),
         *_strides(dx, 2), *_strides(dw, 2), *_strides(db, 1)[:1],
     )
     # Both products share one config (one launch); the autotune key holds all of M, N, K.
-    _launch("bwd", args, flags, M, N, K, ref.dtype, ref.device, tensors, wrap)
+    _launch("bwd", args, dict(plan, ACT=prologue_act.kernel_id, **common), M, N, K, ref.dtype, ref.device, tensors,
+            wrap, variant)
     return dx, dw, db
+
+
+def _dz_pass(grad_y, saved, act, db, common, wrap):
+    """One elementwise launch: dZ = dY ⊙ act'(saved) in dY's dtype (returned; dY itself without an
+    activation) and, if ``db`` is given, db = Σ_rows dZ written into it. db's per-row-block partial sums
+    are fp32 (fp64 for fp64) and added in a fixed order: deterministic, no atomics."""
+    M, N = grad_y.shape
+    write_dz = act.saves is not None
+    dz = _alloc((M, N), grad_y) if write_dz else grad_y
+    flags = dict(ACT=act.kernel_id, WRITE_DZ=write_dz, COMPUTE_DB=db is not None,
+                 FP64=common["FP64"], EMULATE_BF16=common["EMULATE_BF16"], INT64=common["INT64"])
+    problem = variants.Problem(M, N, 0, grad_y.dtype, (grad_y, saved, dz), flags)
+    variant = variants.select("dz", problem)
+    # One fixed tile (nothing to tune in an elementwise pass): it also sets the rows of db's partial sums.
+    cfg = variant.config_space(M, N, 0, grad_y.dtype)[0]
+    acc_dtype = torch.float64 if common["FP64"] else torch.float32
+    partial = (torch.empty((triton.cdiv(M, cfg.BLOCK_M), N), dtype=acc_dtype, device=grad_y.device)
+               if db is not None else dz)
+    s = saved if act.saves is not None else grad_y
+    args = (grad_y, s, dz, partial, M, N, *grad_y.stride(), *s.stride(), *dz.stride(), partial.stride(0))
+    _launch("dz", args, flags, M, N, 0, grad_y.dtype, grad_y.device, problem.tensors, wrap, variant, cfg)
+    if db is not None:
+        db.copy_(partial.sum(0))
+    return dz
 
 
 def _or(t, default):

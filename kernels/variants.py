@@ -6,13 +6,14 @@ forward, a persistent grid, a split-K decode path, …) is one kernel in ``gemm.
 predicate such as "contiguous, 16-byte aligned") and its tests; ``tests/sm90_compile.py`` lowers every
 row for sm_90.
 """
+import contextlib
 import dataclasses
 from typing import Callable
 
 import triton
 
 from . import configs
-from .gemm import _linear_bwd_kernel, _linear_fwd_kernel, _linear_fwd_tangent_kernel
+from .gemm import _dz_kernel, _linear_bwd_kernel, _linear_fwd_kernel, _linear_fwd_tangent_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,15 @@ class Variant:
     applies: Callable  #: applies(problem) -> bool
     #: strides the JIT specialises to the constant 1 for contiguous operands (what sm90_compile mirrors)
     unit_strides: frozenset = frozenset()
+    #: chosen by ``select`` when it applies; False: only when asked for with ``use`` (kept to be measured
+    #: against the default, e.g. by the benchmark's backward suite)
+    default: bool = True
+    #: backward only: dZ (and db) come from a "dz" pass first, and this kernel runs with no activation
+    dz_pass: bool = False
 
+
+_BWD_UNIT_STRIDES = frozenset({"stride_dyn", "stride_xk", "stride_wk", "stride_sn", "stride_dxk", "stride_dwk",
+                               "stride_db"})
 
 VARIANTS = (
     Variant("linear_fwd", "fwd", _linear_fwd_kernel, _forward_grid, configs.candidates, _any_layout,
@@ -64,14 +73,53 @@ VARIANTS = (
     Variant("linear_fwd_tangent", "fwd_tangent", _linear_fwd_tangent_kernel, _forward_grid, configs.tangent_candidates,
             _any_layout, frozenset({"stride_xk", "stride_wk", "stride_b", "stride_yn", "stride_zn", "stride_xtk",
                                     "stride_wtk", "stride_bt", "stride_ytn", "stride_ztn"})),
+    # The backward's default: a dZ pass, then plain GEMMs (dX and dW tiles in one grid).
     Variant("linear_bwd", "bwd", _linear_bwd_kernel, _backward_grid, configs.candidates, _any_layout,
-            frozenset({"stride_dyn", "stride_xk", "stride_wk", "stride_sn", "stride_dxk", "stride_dwk", "stride_db"})),
+            _BWD_UNIT_STRIDES, dz_pass=True),
+    # The first design: dZ = dY ⊙ act'(Z) in every tile's operand prologue, db from the dW tiles, one
+    # launch. Predicted issue-bound for the smooth activations (bench/NOTES.md): kept to be measured.
+    Variant("linear_bwd_prologue", "bwd", _linear_bwd_kernel, _backward_grid, configs.candidates, _any_layout,
+            _BWD_UNIT_STRIDES, default=False),
+    Variant("linear_dz", "dz", _dz_kernel, _forward_grid, configs.elementwise_candidates, _any_layout,
+            frozenset({"stride_dyn", "stride_sn", "stride_dzn"})),
 )
 
 
-def select(direction, problem):
-    """The first variant of ``direction`` that applies to ``problem``."""
+_FORCED = {}  # direction -> variant name, set by ``use``
+
+
+@contextlib.contextmanager
+def use(name):
+    """Inside the block, launches of that variant's direction run it (when it applies) instead of the
+    default: for benchmarks and tests that compare variants. Not thread-local."""
+    variant = by_name(name)
+    before = _FORCED.get(variant.direction)
+    _FORCED[variant.direction] = name
+    try:
+        yield variant
+    finally:
+        if before is None:
+            _FORCED.pop(variant.direction, None)
+        else:
+            _FORCED[variant.direction] = before
+
+
+def by_name(name):
     for variant in VARIANTS:
-        if variant.direction == direction and variant.applies(problem):
+        if variant.name == name:
+            return variant
+    raise KeyError(f"fusedad: no kernel variant named {name!r}; the table has {[v.name for v in VARIANTS]}")
+
+
+def select(direction, problem):
+    """The variant forced by ``use`` if it applies, else the first default variant of ``direction``
+    that applies to ``problem``."""
+    forced = _FORCED.get(direction)
+    if forced is not None:
+        variant = by_name(forced)
+        if variant.applies(problem):
+            return variant
+    for variant in VARIANTS:
+        if variant.direction == direction and variant.default and variant.applies(problem):
             return variant
     raise LookupError(f"fusedad: no {direction} kernel variant applies to {problem}")

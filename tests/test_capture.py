@@ -94,9 +94,9 @@ def test_traced_module_recomputes_for_new_inputs(device):
     with record_launches() as log:
         _assert_same_fwd_bwd(traced, ref, x)
     if runs_kernels(device):
-        # Forward: one launch per layer. Backward: one fused launch per layer, plus the GELU layer's z
-        # recomputed (a trace never stores z: it is replayed in any grad mode).
-        assert collections.Counter(l.kernel for l in log) == {"linear_fwd": 4, "linear_bwd": 3}
+        # Forward: one launch per layer. Backward: a dZ pass (act' and db) and a GEMM launch per layer,
+        # plus the GELU layer's z recomputed (a trace never stores z: it is replayed in any grad mode).
+        assert collections.Counter(l.kernel for l in log) == {"linear_fwd": 4, "linear_dz": 3, "linear_bwd": 3}
         with record_launches() as direct:
             model(x)
         assert [l.grid for l in log[:3]] == [l.grid for l in direct]
@@ -179,7 +179,7 @@ def test_script_module_holding_fusedad_layers(device, tmp_path):
         with record_launches() as log:
             _assert_same_fwd_bwd(scripted, ref, randn(*shape, device=device))
         if runs_kernels(device):  # grad mode: z kept, so no recompute
-            assert collections.Counter(l.kernel for l in log) == {"linear_fwd": 3, "linear_bwd": 3}
+            assert collections.Counter(l.kernel for l in log) == {"linear_fwd": 3, "linear_dz": 3, "linear_bwd": 3}
     with torch.no_grad():
         assert scripted(randn(3, 8, device=device)).shape == (3, 4)
     scripted.save(str(tmp_path / "scripted.pt"))
@@ -254,7 +254,7 @@ def test_export_training_ir_backward(device):
     with record_launches() as log:
         _assert_same_fwd_bwd(ep.module(), ref, randn(6, 8, device=device))
     if runs_kernels(device):
-        assert collections.Counter(l.kernel for l in log) == {"linear_fwd": 3, "linear_bwd": 3}
+        assert collections.Counter(l.kernel for l in log) == {"linear_fwd": 3, "linear_dz": 3, "linear_bwd": 3}
     with torch.no_grad():
         ep_inference = torch.export.export(model, (randn(3, 8, device=device),))
     assert [n.args[4] for n in ep_inference.graph.nodes if str(n.target) == "fusedad.linear_fwd.default"] == [

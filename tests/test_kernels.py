@@ -11,9 +11,27 @@ from conftest import ACTS, DEVICES, DTYPES, assert_matches, randn, reference_lin
 from fusedad.kernels import (force_int64, linear_backward, linear_forward, needs_int64,
                              record_launches)
 from fusedad.kernels.gemm import _cast
+from fusedad.kernels import variants
 from fusedad.kernels.linear import INTERPRETER
 
 pytestmark = pytest.mark.parametrize("device", DEVICES)
+
+#: Every backward variant of the kernel-variant table: the default (a dZ pass, then plain GEMMs) and the
+#: first design (dZ in the GEMM prologue, one launch), which stays to be measured against it.
+BWD_VARIANTS = [v.name for v in variants.VARIANTS if v.direction == "bwd"]
+
+
+@pytest.fixture(params=BWD_VARIANTS)
+def bwd_variant(request):
+    """Runs the test's backward launches with each backward variant in turn."""
+    with variants.use(request.param) as variant:
+        yield variant
+
+
+def _gemm(log):
+    """The backward GEMM launch of a recorded backward (after the dZ pass, if any)."""
+    (launch,) = [l for l in log if l.kernel.startswith("linear_bwd")]
+    return launch
 
 
 def _needs_kernels(device):
@@ -33,7 +51,7 @@ def _references(x, w, b, act, dy):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS)
-def test_forward_backward_every_activation_and_dtype(device, dtype, act):
+def test_forward_backward_every_activation_and_dtype(device, dtype, act, bwd_variant):
     _needs_kernels(device)
     M, K, N = 19, 23, 13  # primes: every tile edge is masked
     x, w, b, dy = (randn(*s, dtype=dtype, device=device) for s in ((M, K), (N, K), (N,), (M, N)))
@@ -75,16 +93,16 @@ def _strided_operands(device, how):
 
 
 @pytest.mark.parametrize("how", ["transposed", "sliced", "expanded"])
-def test_any_strides_without_copies(device, how):
+def test_any_strides_without_copies(device, how, bwd_variant):
     _needs_kernels(device)
     x, w, b, dy = _strided_operands(device, how)
     with record_launches() as log:
         y, z, _, _ = linear_forward(x, w, b, "silu", store_preact=True)
         dx, dw, db = linear_backward(dy, x, w, z, "silu", True, True, True)
-    fwd, bwd = log
+    fwd, bwd = log[0], log[1:]
     # The kernels got the views themselves (no .contiguous() copy on the way), with their strides.
     assert all(any(a is t for a in fwd.args) for t in (x, w, b))
-    assert all(any(a is t for a in bwd.args) for t in (dy, x, w))
+    assert all(any(a is t for launch in bwd for a in launch.args) for t in (dy, x, w))
     assert set(x.stride()) <= set(a for a in fwd.args if isinstance(a, int))
     ref64, ref = _references(x, w, b, "silu", dy)
     for got, r64, r in zip((y, dx, dw, db), ref64, ref):
@@ -93,21 +111,29 @@ def test_any_strides_without_copies(device, how):
 
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True),
                                   (True, False, True), (False, True, True)])
-def test_only_requested_gradients_are_computed(device, need):
-    """Frozen weight ⇒ no dW tiles; input without grad ⇒ no dX tiles; bias only ⇒ only row sums."""
+def test_only_requested_gradients_are_computed(device, need, bwd_variant):
+    """Frozen weight ⇒ no dW tiles; input without grad ⇒ no dX tiles; bias only ⇒ only row sums (in the
+    dZ pass, or in bias-only programs of the one-launch design)."""
     _needs_kernels(device)
     M, K, N = 40, 24, 36
     x, w, dy = randn(M, K, device=device), randn(N, K, device=device), randn(M, N, device=device)
     y, _, _, _ = linear_forward(x, w, None, "relu")
     with record_launches() as log:
         dx, dw, db = linear_backward(dy, x, w, y, "relu", *need)
-    assert [l.kernel for l in log] == ["linear_bwd"]
-    flags = log[0].flags
-    assert (flags["COMPUTE_DX"], flags["COMPUTE_DW"], flags["COMPUTE_DB"]) == need
-    bm, bn = flags["BLOCK_M"], flags["BLOCK_N"]
-    tiles_dx = -(-M // bm) * -(-K // bn) if need[0] else 0
-    tiles_dw = -(-N // bm) * (-(-K // bn) if need[1] else (1 if need[2] else 0))
-    assert log[0].grid == (tiles_dx + tiles_dw,)
+    gemms = need[0] or need[1]
+    if bwd_variant.dz_pass:
+        assert [l.kernel for l in log] == ["linear_dz"] + (["linear_bwd"] if gemms else [])
+        assert log[0].flags["COMPUTE_DB"] == need[2] and log[0].flags["WRITE_DZ"]
+    else:
+        assert [l.kernel for l in log] == ["linear_bwd_prologue"]
+    if gemms or not bwd_variant.dz_pass:
+        flags = _gemm(log).flags
+        assert (flags["COMPUTE_DX"], flags["COMPUTE_DW"]) == need[:2]
+        assert flags["COMPUTE_DB"] == (need[2] and not bwd_variant.dz_pass)
+        bm, bn = flags["BLOCK_M"], flags["BLOCK_N"]
+        tiles_dx = -(-M // bm) * -(-K // bn) if need[0] else 0
+        tiles_dw = -(-N // bm) * (-(-K // bn) if need[1] else (1 if flags["COMPUTE_DB"] else 0))
+        assert _gemm(log).grid == (tiles_dx + tiles_dw,)
     assert (dx is not None, dw is not None, db is not None) == need
     ref64, ref = _references(x, w, torch.zeros(N, device=device), "relu", dy)
     for got, r64, r in zip((dx, dw, db), ref64[1:], ref[1:]):
@@ -115,12 +141,24 @@ def test_only_requested_gradients_are_computed(device, need):
             assert_matches(got, r64, r)
 
 
-def test_one_launch_for_dx_dw_db(device):
+@pytest.mark.parametrize("act, bias", [(None, False), (None, True), ("gelu", False), ("gelu", True)])
+def test_backward_launches(device, act, bias):
+    """The default backward: a dZ pass only where there is something to do elementwise (act' or db),
+    then one GEMM launch for dX and dW tiles with no activation; the first design is one launch."""
     _needs_kernels(device)
     x, w, dy = randn(33, 17, device=device), randn(21, 17, device=device), randn(33, 21, device=device)
+    z = randn(33, 21, device=device)
     with record_launches() as log:
-        linear_backward(dy, x, w, None, None, True, True, True)
-    assert len(log) == 1 and log[0].flags["COMPUTE_DX"] and log[0].flags["COMPUTE_DW"]
+        linear_backward(dy, x, w, z if act else None, act, True, True, bias)
+    kernels = [l.kernel for l in log]
+    assert kernels == (["linear_dz", "linear_bwd"] if act or bias else ["linear_bwd"])
+    if act or bias:
+        assert (log[0].flags["WRITE_DZ"], log[0].flags["COMPUTE_DB"]) == (act is not None, bias)
+    gemm = _gemm(log).flags
+    assert gemm["ACT"] == 0 and not gemm["COMPUTE_DB"] and gemm["COMPUTE_DX"] and gemm["COMPUTE_DW"]
+    with variants.use("linear_bwd_prologue"), record_launches() as log:
+        linear_backward(dy, x, w, z if act else None, act, True, True, bias)
+    assert [l.kernel for l in log] == ["linear_bwd_prologue"] and log[0].flags["COMPUTE_DB"] == bias
 
 
 @pytest.mark.parametrize("shape", [(0, 8, 5), (6, 0, 5), (6, 8, 0)], ids=["M=0", "K=0", "N=0"])
@@ -243,13 +281,13 @@ def test_int64_path_on_small_tensors(device):
     with force_int64(), record_launches() as log:
         y, z, _, _ = linear_forward(x, w, b, "gelu", store_preact=True)
         dx, dw, db = linear_backward(dy, x, w, z, "gelu", True, True, True)
-    assert [l.flags["INT64"] for l in log] == [True, True]
+    assert len(log) >= 2 and all(l.flags["INT64"] for l in log)
     ref64, ref = _references(x, w, b, "gelu", dy)
     for name, got, r64, r in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), ref64, ref):
         assert_matches(got, r64, r, name)
 
 
-def test_weight_grad_accumulates_into_fp32_main_grad(device):
+def test_weight_grad_accumulates_into_fp32_main_grad(device, bwd_variant):
     """bf16 weight, fp32 main_grad: dW is added in the kernel epilogue (ACCUMULATE_DW), no dW buffer."""
     _needs_kernels(device)
     M, K, N = 21, 18, 12
@@ -260,13 +298,13 @@ def test_weight_grad_accumulates_into_fp32_main_grad(device):
     with record_launches() as log:
         dx, dw, _ = linear_backward(dy, x, w, z, "gelu", True, True, False,
                                     weight_grad_out=main_grad)
-    assert dw is main_grad and log[0].flags["ACCUMULATE_DW"]
+    assert dw is main_grad and _gemm(log).flags["ACCUMULATE_DW"]
     ref64, ref = _references(x, w, torch.zeros(N, dtype=torch.bfloat16, device=device), "gelu", dy)
     assert_matches(main_grad - start, ref64[2], ref[2].float(), "main_grad increment")
     assert_matches(dx, ref64[1], ref[1], "dx")
 
 
-def test_every_kernel_path_over_several_k_blocks(device):
+def test_every_kernel_path_over_several_k_blocks(device, bwd_variant):
     """Every loop of every kernel runs more than one K block: M, N > 64 and K > 128, the interpreter's
     tiles being at most 64 deep. Forward (+Z), forward with all three tangents, backward dX (reduces over
     N), dW (reduces over M) and db, and the accumulating dW."""
@@ -284,7 +322,8 @@ def test_every_kernel_path_over_several_k_blocks(device):
         main_grad = start.clone()
         linear_backward(dy, x, w, z, act, False, True, False, weight_grad_out=main_grad)
     for l in log:
-        assert l.flags["BLOCK_K"] < min(M, N, K) // 1, l  # at least two K blocks in every product
+        if l.kernel != "linear_dz":  # (elementwise: no K loop)
+            assert l.flags["BLOCK_K"] < min(M, N, K), l  # at least two K blocks in every product
     ref64, ref = _references(x, w, b, act, dy)
     for name, got, r64, r in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), ref64, ref):
         assert_matches(got, r64, r, name)
@@ -347,9 +386,10 @@ def _count_dots(monkeypatch):
 
 @pytest.mark.parametrize("need", [(False, False, True), (True, False, True), (False, True, False)],
                          ids=["bias_only", "input_and_bias", "weight_only"])
-def test_frozen_weight_programs_run_no_dot(device, need, monkeypatch):
+def test_frozen_weight_programs_run_no_dot(device, need, monkeypatch, bwd_variant):
     """The bias-only programs of a frozen weight sum dZ rows and run no product: the interpreter's dot
-    count is exactly that of the requested products' K loops (zero for the bias alone)."""
+    count is exactly that of the requested products' K loops (zero for the bias alone, which the
+    default backward leaves to its dZ pass)."""
     if not (device == "cpu" and INTERPRETER):
         pytest.skip("counts the dot calls of Triton's interpreter (CPU); the launch flags are tested on CUDA")
     M, K, N = 40, 24, 36
@@ -357,7 +397,11 @@ def test_frozen_weight_programs_run_no_dot(device, need, monkeypatch):
     calls = _count_dots(monkeypatch)
     with record_launches() as log:
         linear_backward(dy, x, w, None, None, *need)
-    f = log[0].flags
+    gemms = [l for l in log if l.kernel.startswith("linear_bwd")]
+    if not gemms:
+        assert bwd_variant.dz_pass and need == (False, False, True) and not calls
+        return
+    f = gemms[0].flags
     bm, bn, bk = f["BLOCK_M"], f["BLOCK_N"], f["BLOCK_K"]
     dots_dx = -(-M // bm) * -(-K // bn) * -(-N // bk) if need[0] else 0  # tiles × K-loop steps (over N)
     dots_dw = -(-N // bm) * -(-K // bn) * -(-M // bk) if need[1] else 0  # tiles × K-loop steps (over M)
