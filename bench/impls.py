@@ -13,12 +13,14 @@ from torch import nn
 
 import fusedad
 
-#: Activation choices: "none" (a plain linear) and every activation fusedad fuses.
-ACTIVATIONS = ("none", *fusedad.ACTIVATIONS)
+#: The eager module for each activation of fusedad's table that has one: what ``fusedad.convert`` fuses
+#: into the preceding Linear (the table's first listed module type, with its attributes). An activation
+#: without a torch module (relu2) cannot be benchmarked as "the eager model fusedad replaces".
+ACTIVATION_MODULES = {a.name: functools.partial(a.modules[0][0], **a.modules[0][1])
+                      for a in fusedad.activations.TABLE if a.modules}
 
-#: The eager module for each of fusedad's activations (``fusedad.convert`` fuses these into the Linear).
-ACTIVATION_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),
-                      "silu": nn.SiLU}
+#: Activation choices: "none" (a plain linear) and every activation above.
+ACTIVATIONS = ("none", *ACTIVATION_MODULES)
 
 #: Layer phases and what each runs (bwd: of a forward done once, outside the timing).
 PHASES = {"fwd": "no_grad forward", "bwd": "backward only: dX, dW, db", "fwd+bwd": "both",
