@@ -101,8 +101,10 @@ def lookup(activation):
     id; a ValueError naming the valid choices for anything else."""
     if isinstance(activation, Activation):
         return activation
-    row = _BY_ID.get(activation) if isinstance(activation, int) and not isinstance(activation, bool) else (
-        _BY_NAME.get(activation) if activation is None or isinstance(activation, str) else None)
+    if activation is None or type(activation) is str:  # the hot path: one dict lookup
+        row = _BY_NAME.get(activation)
+    else:
+        row = _BY_ID.get(activation) if isinstance(activation, int) and not isinstance(activation, bool) else None
     if row is None:
         raise ValueError(
             f"fusedad: unknown activation {activation!r}; expected None or one of {', '.join(ACTIVATIONS)}")

@@ -48,10 +48,17 @@ def _name(device_type, in_graph):
     return TRITON if device_type == "cuda" else EAGER
 
 
+_BY_DEVICE_TYPE = {}  # (device type, in_graph) -> Backend: decided once per device type
+
+
 def select(device, in_graph=False):
     """The Backend for tensors on ``device`` (a torch.device); ``in_graph``: inside a custom op's body
     that torch.compile is tracing (see ``select_for_op``)."""
-    return _BACKENDS[_name(device.type, in_graph)]
+    key = (device.type, in_graph)
+    chosen = _BY_DEVICE_TYPE.get(key)
+    if chosen is None:
+        chosen = _BY_DEVICE_TYPE[key] = _BACKENDS[_name(device.type, in_graph)]
+    return chosen
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

@@ -14,6 +14,8 @@ def linear_forward(x, weight, bias, act, store_preact=False,
     """-> (y, z or None, y_tangent or None, z_tangent or None); ``act`` is an activation table row."""
     z = F.linear(x, weight, bias)
     y = act.apply(z)
+    if x_tangent is None and weight_tangent is None and bias_tangent is None:
+        return y, (z if store_preact else None), None, None
     yt, zt = derivatives.tangents(x, weight, x_tangent, weight_tangent, bias_tangent, act.saved(y, z), act, F.linear)
     return y, (z if store_preact else None), yt, (zt if store_preact_tangent else None)
 

@@ -21,6 +21,7 @@ ALL_ON = {
     "fwd_tangent": dict(HAS_BIAS=True, STORE_Z=True, HAS_XT=True, HAS_WT=True, HAS_BT=True, STORE_ZT=True,
                         DACT_FROM_Y=False),
     "bwd": dict(COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True, ACCUMULATE_DW=False),
+    "dz": dict(WRITE_DZ=True, COMPUTE_DB=True),
 }
 # Row counts of the three M buckets of kernels/configs.py (decode, small batch, large batch).
 BUCKETS = {"decode": 1, "M<=128": 100, "M>128": 4096}
@@ -72,6 +73,7 @@ def compile_variant(name, dtype, act, overrides, cfg):
     kernel = variant.kernel
     flags = dict(ALL_ON[variant.direction])
     flags.update(ACT=lookup(act).kernel_id, FP64=dtype == "fp64", EMULATE_BF16=False, PRECISION="ieee", INT64=False)
+    flags = {k: v for k, v in flags.items() if k in kernel.arg_names}  # e.g. the dZ pass has no PRECISION
     flags.update({k: v for k, v in overrides.items() if not k.endswith("_ptr")})
     flags.update(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M)
     signature, attrs = {}, {}
@@ -122,7 +124,7 @@ def main(names):
             k = compile_variant(variant, dtype, act, overrides, cfg)
             ptx = k.asm["ptx"]
             regs, stack = resource_usage(k.asm["cubin"])
-            row = dict(variant=name, ok=True, block_m=cfg.BLOCK_M, shared=k.metadata.shared, regs=regs, stack=stack,
+            row = dict(variant=name, ok=True, block_m=cfg.BLOCK_M, k_loop=variant != "linear_dz", shared=k.metadata.shared, regs=regs, stack=stack,
                        wgmma="wgmma.mma_async" in ptx,
                        pipelined="async_copy_global_to_local" in k.asm["ttgir"] or "async_tma" in k.asm["ttgir"],
                        cubin=len(k.asm.get("cubin", b"")) > 0, error=None)

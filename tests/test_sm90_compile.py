@@ -30,6 +30,8 @@ def test_variant_compiles_for_hopper(compiled, variant):
     assert row["shared"] <= 227 * 1024, f"needs {row['shared']} B of shared memory; an H100 block has 227 KiB"
     # Software-pipelined main loop (async copies into a multi-stage shared-memory ring): without it a
     # Hopper GEMM stalls on every load.
+    if not row["k_loop"]:
+        return  # the elementwise dZ pass: no K loop to pipeline, no product
     assert row["pipelined"], "the K loop is not software-pipelined"
     if row["stack"] is not None and "fp64" not in variant:
         # A stack frame here means register spills to local memory (fp64 is for exactness, not speed).
