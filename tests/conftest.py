@@ -21,7 +21,6 @@ os.environ.setdefault("FUSEDAD_POISON_OUTPUTS", "1")  # an element a kernel forg
 os.environ.setdefault("FUSEDAD_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import fusedad  # noqa: E402
 from fusedad.testing import FLOOR, assert_matches, check_against_references, reference_linear, rel_err  # noqa: E402,F401
