@@ -8,6 +8,7 @@
     python tests/mutants.py --keep NAME        # keep the mutated copy (path and rerun command printed)
     python tests/mutants.py --timeout 300      # per-mutant limit in seconds (TIMEOUT is not "caught")
     python tests/mutants.py --check-baseline   # the selections must PASS on the unmutated copy
+    python tests/mutants.py --run-skipped      # also run the mutants marked `skip` (e.g. on a GPU machine)
 
 For each mutant (tests/mutants.toml: file, exact old → new text, the targeted tests) the script copies the
 project into a fresh temporary directory, applies the edit on disk (``@triton.jit`` reads kernel source
@@ -18,8 +19,12 @@ once in the source is STALE (or AMBIGUOUS) and counts as an error, never as caug
 exit that is neither pass nor fail (collection error, no test selected), a TIMEOUT, or a copy that did
 not import its own code.
 
-Exit status: 0 all caught; 1 some missed (and no errors); 2 any stale / ambiguous / error / timeout
-(--check-baseline: 0 iff every selection passes unmutated).
+A mutant that no test can catch on this machine (a GPU-only behaviour) carries a ``skip`` reason in the
+toml: its text is still checked (a stale one is an error), it is not run, and it is reported as SKIPPED
+with its reason, never as caught. ``--run-skipped`` runs it anyway (on a machine that has what it needs).
+
+Exit status: 0 all caught (skipped ones aside); 1 some missed (and no errors); 2 any stale / ambiguous /
+error / timeout (--check-baseline: 0 iff every selection passes unmutated).
 
 Import isolation. The package is installed editable, and setuptools maps ``fusedad.kernels`` to the
 top-level ``kernels/`` through a meta-path finder appended *after* the normal path finder. The copy is
@@ -69,8 +74,8 @@ CORE_MODULES = ("fusedad", "fusedad.kernels", "fusedad.kernels.gemm", "fusedad.k
                 "fusedad.kernels.activations", "fusedad.autograd", "fusedad.functional")
 ENV_ROOT, ENV_FILE, ENV_SHA, ENV_REPORT = ("FUSEDAD_MUTANT_ROOT", "FUSEDAD_MUTANT_FILE", "FUSEDAD_MUTANT_SHA256",
                                            "FUSEDAD_MUTANT_REPORT")
-CAUGHT, MISSED, STALE, AMBIGUOUS, ERROR, TIMEOUT, PASSED, FAILED = (
-    "CAUGHT", "MISSED", "STALE", "AMBIGUOUS", "ERROR", "TIMEOUT", "PASSED", "FAILED")
+CAUGHT, MISSED, SKIPPED, STALE, AMBIGUOUS, ERROR, TIMEOUT, PASSED, FAILED = (
+    "CAUGHT", "MISSED", "SKIPPED", "STALE", "AMBIGUOUS", "ERROR", "TIMEOUT", "PASSED", "FAILED")
 
 
 # ---- the mutant list ----------------------------------------------------------------------------------
@@ -85,6 +90,7 @@ class Mutant:
     tests: list  # pytest args (paths / node ids), groups expanded
     k: str = None
     note: str = None
+    skip: str = None  #: why no test can catch it here (GPU-only behaviour): reported SKIPPED, never caught
 
     def selection(self):
         return tuple(self.tests) + (("-k", self.k) if self.k else ())
@@ -108,7 +114,7 @@ def load_mutants(path=DATA):
     for i, entry in enumerate(data.get("mutant", [])):
         where = f"{path.name}: mutant #{i + 1} ({entry.get('name', '?')})"
         missing = {"name", "file", "bug", "old", "new", "tests"} - set(entry)
-        unknown = set(entry) - {"name", "file", "bug", "old", "new", "tests", "k", "note"}
+        unknown = set(entry) - {"name", "file", "bug", "old", "new", "tests", "k", "note", "skip"}
         if missing or unknown:
             raise SystemExit(f"{where}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
         if entry["name"] in seen:
@@ -126,7 +132,7 @@ def load_mutants(path=DATA):
             if not (SOURCE / t.split("::")[0]).exists():
                 raise SystemExit(f"{where}: test path {t} does not exist")
         mutants.append(Mutant(entry["name"], entry["file"], entry["bug"], entry["old"], entry["new"], tests,
-                              entry.get("k"), entry.get("note")))
+                              entry.get("k"), entry.get("note"), entry.get("skip")))
     return mutants
 
 
@@ -449,6 +455,8 @@ def print_list(mutants):
         print(f"{m.name}  [{m.file}]\n    {m.bug}")
         if m.note:
             print(f"    note: {m.note}")
+        if m.skip:
+            print(f"    skipped: {m.skip}")
         print(f"    tests: {' '.join(m.tests)}{f' -k {m.k!r}' if m.k else ''}")
     print(f"{len(mutants)} mutants")
 
@@ -481,6 +489,8 @@ def main(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep each temporary copy (path and rerun command printed)")
     ap.add_argument("--check-baseline", action="store_true",
                     help="run the import check and each distinct selection on the UNMUTATED copy; all must pass")
+    ap.add_argument("--run-skipped", action="store_true",
+                    help="also run the mutants marked `skip` (GPU-only: on a machine that can catch them)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print pytest's full output for every run")
     args = ap.parse_args(argv)
 
@@ -499,6 +509,8 @@ def main(argv=None):
         status, message = check_applies(m, (SOURCE / m.file).read_text(encoding="utf-8"))
         if status:
             pre[m.name] = Result(m.name, status, detail=message)
+        elif m.skip and not args.run_skipped:
+            pre[m.name] = Result(m.name, SKIPPED, detail=f"skipped ({m.skip})")
 
     t0 = time.monotonic()
     if not check_imports(files, keep=args.keep):
@@ -516,6 +528,8 @@ def main(argv=None):
     if args.check_baseline:
         selections = {}  # one run per distinct set of tests (their order only matters to -x's speed)
         for m in mutants:
+            if m.skip and not args.run_skipped:
+                continue
             key = tuple(sorted(m.tests)) + (("-k", m.k) if m.k else ())
             selections.setdefault(key, []).append(m.name)
         print(f"baseline: {len(selections)} distinct selections on the unmutated copy, -j {args.jobs}")
@@ -532,7 +546,8 @@ def main(argv=None):
               f"({time.monotonic() - t0:.0f} s)")
         return 0 if bad == 0 else 2
 
-    print(f"running {len(mutants) - len(pre)} mutants, -j {args.jobs}, timeout {args.timeout:.0f} s")
+    print(f"running {len(mutants) - len(pre)} mutants, -j {args.jobs}, timeout {args.timeout:.0f} s"
+          + (f" ({sum(r.status == SKIPPED for r in pre.values())} skipped)" if pre else ""))
     for res in pre.values():
         report(res)
     work = [(m.name, (lambda m=m: run_selection(m.name, m.selection(), files, args.timeout, args.keep, m)))
@@ -544,14 +559,18 @@ def main(argv=None):
     for m in mutants:
         r = results[m.name]
         print(f"{r.status:9s} {m.name:40s} {m.file:24s} {r.seconds:5.0f}s  {r.detail}")
-    counts = {s: sum(r.status == s for r in results.values()) for s in (CAUGHT, MISSED, STALE, AMBIGUOUS, ERROR, TIMEOUT)}
-    print(f"\n{counts[CAUGHT]}/{len(mutants)} caught, {counts[MISSED]} missed"
+    counts = {s: sum(r.status == s for r in results.values())
+              for s in (CAUGHT, MISSED, SKIPPED, STALE, AMBIGUOUS, ERROR, TIMEOUT)}
+    print(f"\n{counts[CAUGHT]}/{len(mutants) - counts[SKIPPED]} caught, {counts[MISSED]} missed"
           + "".join(f", {n} {s.lower()}" for s, n in counts.items() if s not in (CAUGHT, MISSED) and n)
           + f" — {time.monotonic() - t0:.0f} s wall, -j {args.jobs}")
     missed = [m.name for m in mutants if results[m.name].status == MISSED]
     if missed:
         print("missed (no selected test fails with this bug): " + " ".join(missed))
-    errors = [m.name for m in mutants if results[m.name].status not in (CAUGHT, MISSED)]
+    skipped = [m.name for m in mutants if results[m.name].status == SKIPPED]
+    if skipped:
+        print("skipped (not run, not counted as caught; --run-skipped runs them): " + " ".join(skipped))
+    errors = [m.name for m in mutants if results[m.name].status not in (CAUGHT, MISSED, SKIPPED)]
     if errors:
         print("not judged (stale / ambiguous / error / timeout — fix these first): " + " ".join(errors))
         return 2

@@ -273,3 +273,41 @@ def test_kernels_ran_in_this_suite():
     """Guard against a silently eager CPU suite: with no GPU, the interpreter must be on."""
     if not torch.cuda.is_available():
         assert runs_kernels("cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ["relu", "relu2"])
+def test_relu_like_derivative_at_exactly_zero_with_non_finite_gradients(device, act):
+    """z = 0 exactly, with a gradient (or tangent) of ±inf or NaN there: the select gives 0, as PyTorch's
+    threshold_backward does, not inf·0 = NaN — through the fused backward kernel, the composite backward
+    (create_graph), the eager backend and the forward-mode kernel, each against eager PyTorch."""
+    from fusedad.activations import lookup
+    from fusedad.backend import _BACKENDS
+
+    inf, nan = float("inf"), float("nan")
+    # z = x·wᵀ with w = (1, 0.5): rows 0-2 give exactly 0, row 3 gives 2, row 4 gives -1.
+    x = torch.tensor([[-0.5, 1.0], [0.5, -1.0], [-1.0, 2.0], [1.5, 1.0], [-1.5, 1.0]], device=device)
+    w = torch.tensor([[1.0, 0.5]], device=device)
+    dy = torch.tensor([[inf], [-inf], [nan], [2.0], [3.0]], device=device)
+    y_ref, dx_ref, dw_ref = _eager_rows(x, w, act, dy)
+    dw_ref = dw_ref.sum(0)
+    assert torch.isfinite(dx_ref).all() and torch.isfinite(dw_ref).all()  # eager's select kills inf and NaN
+    for create_graph in (False, True):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fusedad.linear(xg, wg, None, act)
+        dx, dw = torch.autograd.grad(y, (xg, wg), dy, create_graph=create_graph)
+        _same_specials(y.detach(), y_ref)
+        _same_specials(dx.detach(), dx_ref)
+        _same_specials(dw.detach(), dw_ref)
+    eager, row = _BACKENDS["eager"], lookup(act)
+    y, z, _, _ = eager.forward(x, w, None, row, store_preact=True)
+    dx, dw, _ = eager.backward(dy, x, w, row.saved(y, z), row, True, True, False)
+    _same_specials(dx, dx_ref)
+    _same_specials(dw, dw_ref)
+    # Forward mode: Ż = Ẋ·wᵀ is ±inf / NaN on the rows where z = 0.
+    xt = torch.tensor([[inf, 0.0], [-inf, 0.0], [nan, 0.0], [1.0, 2.0], [inf, 0.0]], device=device)
+    yt = torch.func.jvp(lambda x: fusedad.linear(x, w, None, act), (x,), (xt,))[1]
+    yt_ref = torch.cat([torch.func.jvp(lambda x: reference_linear(x, w, None, act), (x[i:i + 1],), (xt[i:i + 1],))[1]
+                        for i in range(x.shape[0])])
+    assert torch.isfinite(yt_ref[:3]).all()
+    _same_specials(yt, yt_ref)

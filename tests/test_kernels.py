@@ -406,3 +406,134 @@ def test_frozen_weight_programs_run_no_dot(device, need, monkeypatch, bwd_varian
     dots_dx = -(-M // bm) * -(-K // bn) * -(-N // bk) if need[0] else 0  # tiles × K-loop steps (over N)
     dots_dw = -(-N // bm) * -(-K // bn) * -(-M // bk) if need[1] else 0  # tiles × K-loop steps (over M)
     assert len(calls) == dots_dx + dots_dw
+
+
+def test_tangents_laid_out_unlike_their_primals(device):
+    """A direct ``linear_forward`` call may pass each tangent with strides of its own: Ẋ and Ẇ transposed,
+    ḃ sliced, beside contiguous X, W and b (torch.func copies a tangent into its primal's layout, so only
+    this call can mix them). K = 150: the tangent pointers step through several K blocks."""
+    _needs_kernels(device)
+    M, K, N = 9, 150, 6
+    x, w, b = (randn(*s, dtype=torch.float64, device=device) for s in ((M, K), (N, K), (N,)))
+    xt = randn(K, M, dtype=torch.float64, device=device).t()
+    wt = randn(K, N, dtype=torch.float64, device=device).t()
+    bt = randn(2 * N, dtype=torch.float64, device=device)[::2]
+    for act in ACTS:
+        y, z, yt, zt = linear_forward(x, w, b, act, store_preact=True, x_tangent=xt, weight_tangent=wt,
+                                      bias_tangent=bt, store_preact_tangent=True)
+        y_ref, yt_ref = torch.func.jvp(lambda x, w, b: reference_linear(x, w, b, act), (x, w, b),
+                                       (xt.contiguous(), wt.contiguous(), bt.contiguous()))
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(zt, xt @ w.t() + x @ wt.t() + bt)
+        torch.testing.assert_close(yt, yt_ref, msg=lambda m: f"{act}: {m}")
+
+
+@pytest.mark.parametrize("store", [(False, False), (True, False), (False, True)],
+                         ids=["neither", "z_only", "zt_only"])
+def test_tangent_kernel_writes_exactly_the_outputs_asked_for(device, store):
+    """store_preact and store_preact_tangent are independent: each asked-for output is written (and
+    right), the others are None and nothing is written in their place (y stays y)."""
+    _needs_kernels(device)
+    x, w, b = (randn(*s, dtype=torch.float64, device=device) for s in ((11, 20), (7, 20), (7,)))
+    xt, wt = torch.randn_like(x), torch.randn_like(w)
+    with record_launches() as log:
+        y, z, yt, zt = linear_forward(x, w, b, "gelu", store_preact=store[0], x_tangent=xt, weight_tangent=wt,
+                                      store_preact_tangent=store[1])
+    assert (log[0].flags["STORE_Z"], log[0].flags["STORE_ZT"]) == store
+    assert (z is not None, zt is not None) == store
+    y_ref, yt_ref = torch.func.jvp(lambda x, w: reference_linear(x, w, b, "gelu"), (x, w), (xt, wt))
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(yt, yt_ref)
+    if z is not None:
+        torch.testing.assert_close(z, x @ w.t() + b)
+    if zt is not None:
+        torch.testing.assert_close(zt, xt @ w.t() + x @ wt.t())
+
+
+def huge_tangent_case(device):
+    """Run in a subprocess by the test below: tangents whose own largest offset passes 2³¹ beside small
+    primals, so only the tangents can ask for 64-bit offsets.
+
+    Ẋ (3, 16) with row stride 2³⁰+8 (row 2 starts past 2³¹); Ẇ (8, 80) with column stride 2²⁵+8 (80 > BLOCK_K:
+    the K loop steps the Ẇ pointers by BLOCK_K·stride ≈ 2³¹).
+    """
+    f16 = torch.float16
+    for M, K, N, xt_strides, wt_strides in ((3, 16, 8, (2**30 + 8, 1), None), (4, 80, 8, None, (1, 2**25 + 8))):
+        x, w = randn(M, K, dtype=f16, device=device), randn(N, K, dtype=f16, device=device, scale=K ** -0.5)
+        xt = _huge_view((M, K), xt_strides, f16, device) if xt_strides else randn(M, K, dtype=f16, device=device)
+        wt = _huge_view((N, K), wt_strides, f16, device) if wt_strides else randn(N, K, dtype=f16, device=device)
+        with record_launches() as log:
+            y, _, yt, _ = linear_forward(x, w, None, "gelu", x_tangent=xt, weight_tangent=wt)
+        assert log[0].flags["INT64"], (xt_strides, wt_strides)
+        primals, tangents = (x, w), (xt.contiguous(), wt.contiguous())
+        y64, yt64 = torch.func.jvp(lambda x, w: reference_linear(x, w, None, "gelu"),
+                                   tuple(t.double() for t in primals), tuple(t.double() for t in tangents))
+        ye, yte = torch.func.jvp(lambda x, w: reference_linear(x, w, None, "gelu"), primals, tangents)
+        assert_matches(y, y64, ye, f"y {xt_strides} {wt_strides}")
+        assert_matches(yt, yt64, yte, f"tangent {xt_strides} {wt_strides}")
+
+
+def test_huge_strided_tangents_are_read_correctly(device):
+    """The 64-bit decision covers the tangents, and their K-direction steps are widened too."""
+    _needs_kernels(device)
+    run_isolated("test_kernels", "huge_tangent_case", device)
+
+
+def offset_2_31_case(device):
+    """Run in a subprocess by the test below: x (2, 16) with row stride 2³¹ − 15, so its last element
+    sits at offset exactly 2³¹ (one past int32), forward and both gradients."""
+    f16 = torch.float16
+    x = _huge_view((2, 16), (2**31 - 15, 1), f16, device)
+    w, dy = randn(8, 16, dtype=f16, device=device), randn(2, 8, dtype=f16, device=device)
+    with record_launches() as log:
+        y, _, _, _ = linear_forward(x, w)
+        dx, dw, _ = linear_backward(dy, x, w, None, None, True, True, False)
+    assert all(l.flags["INT64"] for l in log)
+    ref64, ref = _references(x, w, torch.zeros(8, dtype=f16, device=device), None, dy)
+    for name, got, r64, r in zip(("y", "dx", "dw"), (y, dx, dw), ref64, ref):
+        assert_matches(got, r64, r, name)
+
+
+def test_int64_from_a_largest_offset_of_exactly_2_31(device):
+    """The threshold itself: an operand whose largest element offset is 2³¹ (int32's max + 1) needs int64,
+    decided from meta tensors and checked end to end (in a subprocess) on a view that ends there."""
+    for shape, strides in (((2, 1), (2**31, 1)), ((2, 16), (2**31 - 15, 1)), ((16, 2), (1, 2**31 - 15))):
+        assert needs_int64(torch.empty_strided(shape, strides, device="meta")), (shape, strides)
+    assert not needs_int64(torch.empty_strided((2, 16), (2**31 - 64, 1), device="meta"))
+    _needs_kernels(device)
+    run_isolated("test_kernels", "offset_2_31_case", device)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_eager_backend_meets_the_kernel_contract(device, act):
+    """``fusedad/eager.py`` (CPU without the interpreter, other devices, custom-op bodies that Inductor
+    compiles) takes and returns what the kernel launchers do, checked against the same references: y,
+    z, dX, dW, db, dW added into a non-zero main_grad, and forward-mode tangents. The interpreter suite
+    routes nothing through it, so it is called here directly."""
+    from fusedad.activations import lookup
+    from fusedad.backend import _BACKENDS
+
+    eager, row = _BACKENDS["eager"], lookup(act)
+    M, K, N = 19, 23, 13
+    x, w, b, dy = (randn(*s, device=device) for s in ((M, K), (N, K), (N,), (M, N)))
+    y, z, yt, zt = eager.forward(x, w, b, row, store_preact=True)
+    assert yt is None and zt is None
+    saved = row.saved(y, z)
+    dx, dw, db = eager.backward(dy, x, w, saved, row, True, True, True)
+    ref64, ref = _references(x, w, b, act, dy)
+    for name, got, r64, r in zip(("y", "dx", "dw", "db"), (y, dx, dw, db), ref64, ref):
+        assert got.dtype == x.dtype
+        assert_matches(got, r64, r, f"eager backend {name} ({act})")
+    assert_matches(z, torch.nn.functional.linear(*(t.double() for t in (x, w, b))), torch.nn.functional.linear(x, w, b))
+    start = randn(N, K, device=device)
+    main_grad = start.clone()
+    dx2, dw2, db2 = eager.backward(dy, x, w, saved, row, False, True, False, weight_grad_out=main_grad)
+    assert dx2 is None and db2 is None and dw2 is main_grad
+    assert_matches(main_grad - start, ref64[2], ref[2], f"eager backend main_grad increment ({act})")
+    xt, wt, bt = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    _, _, yt, zt = eager.forward(x, w, b, row, x_tangent=xt, weight_tangent=wt, bias_tangent=bt,
+                                 store_preact_tangent=True)
+    yt64, yte = (torch.func.jvp(lambda *a: reference_linear(*a, act), tuple(t.to(dt) for t in (x, w, b)),
+                                tuple(t.to(dt) for t in (xt, wt, bt)))[1] for dt in (torch.float64, x.dtype))
+    assert_matches(yt, yt64, yte, f"eager backend tangent ({act})")
+    assert_matches(zt, (xt @ w.t() + x @ wt.t() + bt).double(), xt @ w.t() + x @ wt.t() + bt)

@@ -176,3 +176,15 @@ def test_accumulate_main_grad_over_micro_batches(device):
     torch.testing.assert_close(layer.weight.main_grad.double(), ref.weight.grad, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(layer.bias.grad.double(), ref.bias.grad, rtol=2e-2, atol=5e-2)
     assert "accumulate_main_grad" not in repr(layer)  # extra_repr stays nn.Linear's (+ activation)
+
+
+def test_convert_keeps_the_activation_of_an_already_fused_layer(device):
+    """A fusedad layer that has its own activation, followed by an activation module: convert leaves both
+    (it fuses only into a layer without one), so the model computes what it did before."""
+    model = nn.Sequential(fusedad.nn.Linear(6, 5, activation="silu"), nn.ReLU(), nn.Linear(5, 4), nn.GELU()).to(device)
+    x = randn(3, 6, device=device)
+    expect = model(x)
+    fusedad.convert(model)
+    assert model[0].activation == "silu" and type(model[1]) is nn.ReLU
+    assert model[2].activation == "gelu" and type(model[3]) is nn.Identity
+    torch.testing.assert_close(model(x), expect)

@@ -320,3 +320,30 @@ def test_ddp_refuses_main_grad_accumulation(device, tmp_path):
     layer = fusedad.nn.Linear(6, 2, accumulate_main_grad=True, device=device)  # outside DDP: allowed
     layer(randn(3, 6, device=device)).sum().backward()
     assert layer.weight.main_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_custom_ops_keep_z_exactly_when_the_backward_reads_it(device, act):
+    """fusedad::linear_fwd for every activation of the table: y, and z (M, N) only when asked for *and* the
+    activation's derivative reads it (else an empty (0,) tensor), the same shapes as its fake kernel gives
+    a compiled graph; its registered backward, with z kept or recomputed (store_preact=False, as a
+    trace runs it), gives eager's gradients."""
+    from fusedad import activations, ops
+
+    row = activations.lookup(act)
+    x, w, b = _f64((5, 4), (3, 4), (3,), device=device)
+    _off_kink(x, w, b, act)
+    dy = torch.randn(5, 3, dtype=torch.float64, device=device)
+    y_ref = reference_linear(x, w, b, act)
+    grads_ref = torch.autograd.grad(y_ref, (x, w, b), dy)
+    for store in (True, False):
+        y, z = torch.ops.fusedad.linear_fwd(x, w, b, row.op_name, store)
+        fake_y, fake_z = ops._linear_fwd_fake(x, w, b, row.op_name, store)
+        assert z.shape == ((5, 3) if store and row.needs_z else (0,)), (store, tuple(z.shape))
+        assert (y.shape, z.shape) == (fake_y.shape, fake_z.shape)
+        torch.testing.assert_close(y, y_ref)
+        if z.numel():
+            torch.testing.assert_close(z, F.linear(x, w, b))
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+        for g, g_ref, name in zip(grads, grads_ref, ("x", "w", "b")):
+            torch.testing.assert_close(g, g_ref, msg=lambda m: f"grad of {name} (store_preact={store}): {m}")
