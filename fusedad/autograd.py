@@ -19,9 +19,10 @@ them before the forward (``precomputed``), else ``derivatives.tangents`` with th
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from . import activations, backend, derivatives, ops
+from . import activations, backend, derivatives, distributed, ops
 
 _NO_ACTIVATION = activations.lookup(None)
+_PLAIN = backend.PLAIN_TYPES
 
 
 def is_functorch_tensor(t):
@@ -177,6 +178,10 @@ def route(x, weight, bias, act, weight_main_grad=None):
         return ops.linear(x, weight, bias, act)
     if torch.jit.is_tracing():
         return _traced(x, weight, bias, act, weight_main_grad)
+    if not (type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)):
+        # DTensor: the custom ops on the local shards; any other subclass: torch ops (the kernels read raw
+        # storage, which a __torch_dispatch__ wrapper does not have).
+        return distributed.subclass_linear(x, weight, bias, act, weight_main_grad)
     wrapped = any(is_functorch_tensor(t) for t in (x, weight, bias))
     duals = _forward_tangents(x, weight, bias, wrapped)
     if duals is not None and not any(is_functorch_tensor(t) for pair in duals for t in pair):

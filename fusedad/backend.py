@@ -11,6 +11,7 @@
 ops' bodies on torch.compile's fake tensors) the interpreter is never chosen: those take the eager path.
 """
 import dataclasses
+import sys
 from typing import Callable
 
 import torch
@@ -61,7 +62,9 @@ def select(device, in_graph=False):
     return chosen
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+#: The tensor types the kernels take. Functorch's wrappers are of type torch.Tensor; any Python subclass
+#: (DTensor, fake and functional tensors, other ``__torch_dispatch__`` wrappers) is not.
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def select_for_op(*tensors):
@@ -72,12 +75,24 @@ def select_for_op(*tensors):
     torch.compile also runs the body on functional (fake) tensors to trace it, and an interpreted
     kernel cannot run on those, so they take the eager path, which Inductor compiles as ordinary ops.
     """
-    plain = all(type(t) in _PLAIN for t in tensors if t is not None)
+    plain = all(type(t) in PLAIN_TYPES for t in tensors if t is not None)
     return select(tensors[0].device, in_graph=not plain)
 
 
 def backend(tensor_or_device):
-    """Name of the implementation that runs fusedad ops for this tensor (or device)."""
-    device = tensor_or_device.device if isinstance(tensor_or_device, torch.Tensor) else torch.device(
-        tensor_or_device)
-    return select(device).name
+    """Name of the implementation that runs fusedad ops for this tensor (or device).
+
+    A DTensor: the one that runs on its local shards. Any other tensor subclass: "eager" (``fusedad.linear``
+    runs torch ops on it, which the subclass handles; the kernels read raw storage).
+    """
+    if isinstance(tensor_or_device, torch.Tensor):
+        if type(tensor_or_device) not in PLAIN_TYPES and not is_dtensor(tensor_or_device):
+            return EAGER
+        return select(tensor_or_device.device).name
+    return select(torch.device(tensor_or_device)).name
+
+
+def is_dtensor(t):
+    """True for a DTensor (without importing torch.distributed.tensor: no DTensor exists before that)."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)

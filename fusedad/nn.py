@@ -1,4 +1,6 @@
 """``fusedad.nn.Linear``: a drop-in ``torch.nn.Linear`` running the fused kernels."""
+import sys
+
 import torch
 
 from . import activations, ops
@@ -18,7 +20,8 @@ class Linear(torch.nn.Linear):
         accumulate_main_grad: keep an fp32 ``weight.main_grad`` (allocated on first use) into which the
             backward kernel adds dW, as Megatron does for bf16 parameters; ``weight.grad`` then stays
             None. Zero it yourself between optimizer steps (``layer.weight.main_grad.zero_()``). Refused
-            inside ``DistributedDataParallel`` (which reduces ``.grad`` only); across processes, all-reduce
+            inside ``DistributedDataParallel`` and under FSDP2's ``fully_shard`` (both reduce ``.grad``
+            only) and for DTensor (tensor-parallel) weights; across processes without them, all-reduce
             ``main_grad`` yourself.
 
     Shape:
@@ -39,7 +42,7 @@ class Linear(torch.nn.Linear):
             return ops.scripted_linear(input, self.weight, self.bias, self.activation, self.accumulate_main_grad)
         main_grad = None
         if self.accumulate_main_grad and self.weight.requires_grad:
-            _refuse_main_grad_under_ddp()
+            _refuse_main_grad_under_data_parallel(self)
             main_grad = getattr(self.weight, "main_grad", None)
             if main_grad is None:
                 main_grad = self.weight.main_grad = torch.zeros_like(self.weight, dtype=torch.float32)
@@ -50,11 +53,12 @@ class Linear(torch.nn.Linear):
         return text if self.activation is None else f"{text}, activation={self.activation!r}"
 
 
-def _refuse_main_grad_under_ddp():
-    """DistributedDataParallel all-reduces ``.grad``; main_grad accumulation leaves ``weight.grad`` None,
-    so DDP would never see the weight gradient and each rank's ``main_grad`` would hold its own
-    unsynchronised sum (measured with gloo on 2 processes: weight.grad all zeros, main_grad off the
-    global sum by up to 0.54). Refuse instead of training on silently wrong gradients."""
+def _refuse_main_grad_under_data_parallel(layer):
+    """DistributedDataParallel and FSDP2 reduce ``.grad``; main_grad accumulation leaves ``weight.grad`` None,
+    so they would never see the weight gradient and each rank's ``main_grad`` would hold its own
+    unsynchronised sum (measured with gloo on 2 processes under DDP: weight.grad all zeros, main_grad off
+    the global sum by up to 0.54; under FSDP2 the sharded weight's grad stays None). Refuse instead of
+    training on silently wrong gradients."""
     from torch.nn.parallel import DistributedDataParallel
 
     if DistributedDataParallel._get_active_ddp_module() is not None:
@@ -63,3 +67,30 @@ def _refuse_main_grad_under_ddp():
             "weight.grad, which main_grad accumulation leaves None, so weight.main_grad would hold this rank's "
             "unsynchronised sum. Use accumulate_main_grad=False under DDP, or all-reduce weight.main_grad "
             "yourself outside DDP.")
+    if _managed_by_fully_shard(layer):
+        raise RuntimeError(
+            "fusedad.nn.Linear(accumulate_main_grad=True) under FSDP2 (fully_shard): FSDP2 reduce-scatters "
+            "weight.grad, which main_grad accumulation leaves None, so the sharded weight would get no gradient "
+            "and weight.main_grad would hold this rank's unsynchronised sum. Use accumulate_main_grad=False; "
+            "for fp32 gradient reduction and accumulation with bf16 compute, give fully_shard "
+            "mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) with fp32 "
+            "parameters.")
+
+
+def _managed_by_fully_shard(layer):
+    """True if FSDP2's fully_shard manages this layer's parameters (applied to it or to a module above it).
+
+    FSDP2 marks only the modules fully_shard is applied to, so this asks its states which module each
+    parameter belongs to (FSDP2 internals; tested with the torch version CI pins)."""
+    fsdp_state = sys.modules.get("torch.distributed.fsdp._fully_shard._fsdp_state")
+    if fsdp_state is None:
+        return False
+    from torch.distributed._composable_state import _module_state_mapping
+
+    for ref in list(_module_state_mapping.values()):
+        state = ref()
+        if isinstance(state, fsdp_state.FSDPState):
+            for group in state._fsdp_param_groups:
+                if any(p._module_info.module is layer for p in group.fsdp_params):
+                    return True
+    return False
