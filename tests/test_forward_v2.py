@@ -207,3 +207,21 @@ def test_descriptor_allocator_is_set_per_context_and_a_users_is_kept(device):
         return _allocation._allocator.get() is mine
 
     assert fresh(users)
+
+
+@pytest.mark.parametrize("variant", TMA_VARIANTS)
+def test_tma_subtiled_epilogue_at_a_128_wide_tile(device, variant, monkeypatch):
+    """Tiles ≥ 128 columns wide store Y and Z in two TMA column halves; the interpreter's own tiles are at
+    most 64 wide, so this test runs a 128-wide one (the last N tile partly out of bounds)."""
+    _needs_kernels(device)
+    if device != "cpu":
+        pytest.skip("the interpreter's tile is replaced here; on CUDA the tuned tiles include 128-wide ones")
+    from fusedad.kernels import configs
+
+    monkeypatch.setattr(configs, "interpreter_config", lambda M, N, K: configs.TileConfig(
+        BLOCK_M=32, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=1))
+    M, N, K = 40, 200, 72
+    x, w, b = (randn(*s, dtype=torch.bfloat16, device=device) for s in ((M, K), (N, K), (N,)))
+    y, z, kernels = _run(variant, x, w, b, "gelu")
+    assert kernels == [variant]
+    _check(x, w, b, "gelu", y, z)
