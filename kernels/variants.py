@@ -226,7 +226,8 @@ def select(direction, problem, descriptors=True):
     """The variant forced by ``use`` if it applies, else the first default variant of ``direction``
     that applies to ``problem``. descriptors=False: none that builds tensor descriptors."""
     def ok(variant):
-        return variant.applies(problem) and (descriptors or not variant.descriptors)
+        # (the descriptor check first: inside a trace the tensors may be fake, without a data pointer)
+        return (descriptors or not variant.descriptors) and variant.applies(problem)
 
     forced = _FORCED.get(direction)
     if forced is not None:
@@ -255,7 +256,7 @@ def tuning_space(direction, problem, descriptors=True):
     pairs = [(first, c) for c in first.config_space(p.M, p.N, p.K, p.dtype)]
     if _FORCED.get(direction) is None:
         for v in VARIANTS:
-            if (v.direction == direction and v is not first and v.applies(p)
-                    and (descriptors or not v.descriptors)):
+            if (v.direction == direction and v is not first and (descriptors or not v.descriptors)
+                    and v.applies(p)):
                 pairs += [(v, c) for c in v.config_space(p.M, p.N, p.K, p.dtype)[:OTHER_VARIANT_CONFIGS]]
     return pairs[:MAX_TUNING_PAIRS]
