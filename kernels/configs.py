@@ -2,18 +2,33 @@
 bounded per-bucket autotuner whose results are cached per device and shape.
 
 Autotuning rules:
+* what is timed is a bounded list of (variant, config) pairs (``variants.tuning_space``): the heuristic
+  variant's configs first, then the other applicable variants' first configs;
 * never under the interpreter (one small config: interpreted cost grows with the program count and the
   tile size, ~0.4 ms per launch on this project's 2-core CPU machines);
 * ``FUSEDAD_AUTOTUNE=0`` turns it off: the heuristic config is used as is;
 * at most ``len(candidates(...))`` (≤ 6) configs are timed per (device, kernel, flags, M bucket, N, K,
   dtype), each for a few milliseconds, once per process; compiled kernels are reused across shapes, so
   a new shape in a known bucket costs timing only.
+
+On-disk cache: every tuned result is also written to ``cache_path()``, a JSON file in ``cache_dir()``
+(``$FUSEDAD_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusedad``, else ``~/.cache/fusedad``) named
+``autotune-<fingerprint>.json``. The fingerprint hashes the torch and Triton versions and the source of
+the kernels (``kernels/*.py``): a new version or an edited kernel starts a new file; the device model is
+in every entry's key. A second process on the machine reads it and times nothing. ``export_cache`` /
+``load_cache`` copy the results between machines. ``FUSEDAD_AUTOTUNE=0`` neither reads nor writes it.
 """
 import dataclasses
+import functools
+import hashlib
+import json
 import os
+import tempfile
 import threading
+import warnings
 
 import torch
+import triton
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,6 +97,38 @@ def candidates(M, N, K, dtype):
     return _scale_k(cfgs, dtype)
 
 
+def decode_candidates(M, N, K, dtype):
+    """The split-K decode path (M ≤ 16): one 16-row tile, deep K blocks; the split count follows from
+    the N tiles (``variants.splitk_plan``). 64-wide N tiles first: twice the CTAs of 128 for the same W."""
+    if dtype == torch.float64:
+        return [TileConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2)]
+    cfgs = [TileConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
+            TileConfig(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
+            TileConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=3)]
+    return _scale_k(cfgs, dtype)
+
+
+def tma_candidates(M, N, K, dtype):
+    """The TMA-descriptor forward (plain and persistent grids): ``candidates``' tiles for M > 16 (its
+    decode tiles too for a forced small-M launch), plus 128×256×64 with 8 warps for large M when it
+    lowers without spills (see bench/NOTES.md, *Forward v2*)."""
+    cfgs = candidates(M, N, K, dtype)
+    if M > 128 and dtype in (torch.bfloat16, torch.float16):
+        cfgs = cfgs + [TileConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)]
+    return cfgs
+
+
+def tma_ws_candidates(M, N, K, dtype):
+    """The warp-specialised TMA forward: Triton specialises the tile loop only with 4 warps (one consumer
+    warpgroup; it then raises the consumers to 256 registers with setmaxnreg). 64×256 fails to lower
+    (Triton 3.9: a layout mismatch in the warp-specialisation pass at the subtiled epilogue)."""
+    if M <= 16:
+        return [TileConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)]
+    cfgs = [TileConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+            TileConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)]
+    return _scale_k(cfgs, dtype)
+
+
 def tangent_candidates(M, N, K, dtype):
     """``candidates`` for the forward-mode kernel: it holds two accumulators (primal and tangent), so a
     tile keeps at most 32 fp32 accumulator values per thread each (BLOCK_M·BLOCK_N ≤ 1024·num_warps).
@@ -108,15 +155,104 @@ def autotune_enabled():
 
 _CACHE = {}
 # Held while a key is tuned: threads asking for the same new key wait for one timing search instead of
-# running their own at once (their launches would also skew each other's timings). Hits skip it.
+# running their own at once (their launches would also skew each other's timings). Hits skip it. Also
+# guards the on-disk layer (_DISK, the file).
 _TUNE_LOCK = threading.Lock()
+_DISK = None  # key string -> encoded result, read from cache_path() on first use (None: not read yet)
+
+
+def cache_dir():
+    """Where tuned results are kept on disk: ``$FUSEDAD_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusedad``,
+    else ``~/.cache/fusedad``."""
+    env = os.environ.get("FUSEDAD_CACHE_DIR")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fusedad")
+
+
+@functools.lru_cache(maxsize=None)
+def fingerprint():
+    """What a tuned result is valid for besides its key: torch and Triton versions and a hash of the
+    kernels' source (every ``kernels/*.py``: tile bodies, variant table, config spaces)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for name in sorted(f for f in os.listdir(here) if f.endswith(".py")):
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read() + b"\0")
+    return {"torch": torch.__version__, "triton": triton.__version__, "kernels": digest.hexdigest()[:16]}
+
+
+def cache_path():
+    fp = fingerprint()
+    tag = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), f"autotune-{tag}.json")
+
+
+def _key_str(key):
+    return repr(tuple(str(k) if isinstance(k, torch.dtype) else k for k in key))
+
+
+def _encode(item):
+    if isinstance(item, TileConfig):
+        return {"variant": None, "config": item.launch_kwargs()}
+    name, cfg = item
+    return {"variant": name, "config": cfg.launch_kwargs()}
+
+
+def _decode(entry):
+    cfg = TileConfig(**entry["config"])
+    return cfg if entry.get("variant") is None else (entry["variant"], cfg)
+
+
+def _read(path):
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        raise ValueError(f"{path}: not a fusedad autotune cache")
+    return data
+
+
+def _disk_entries():
+    """The on-disk entries (read once; call with _TUNE_LOCK held). An unreadable file counts as empty."""
+    global _DISK
+    if _DISK is None:
+        _DISK = {}
+        try:
+            data = _read(cache_path())
+            if data.get("fingerprint") == fingerprint():
+                _DISK.update(data["entries"])
+        except (OSError, ValueError):
+            pass
+    return _DISK
+
+
+def _write_disk(new_entries):
+    """Merge ``new_entries`` into the cache file (with what other processes wrote meanwhile); atomic
+    replace, so a reader never sees half a file. Failures (read-only home, …) only warn."""
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            entries = _read(path)["entries"]
+        except (OSError, ValueError):
+            entries = {}
+        entries.update(new_entries)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".autotune-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"fingerprint": fingerprint(), "entries": entries}, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"fusedad: could not write the autotune cache {path}: {e}", stacklevel=3)
 
 
 def tuned_config(key, M, N, K, dtype, run, bench, tune=True, space=None):
-    """Best of ``space(M, N, K, dtype)`` (default ``candidates``) for ``key``, timed once and cached.
+    """Best of ``space(M, N, K, dtype)`` (default ``candidates``) for ``key``, timed once and cached in
+    memory and on disk.
 
-    key:   hashable (device, kernel, constexpr flags, m_bucket(M), N, K, dtype)
-    run:   run(cfg) launches the kernel with that config (must be idempotent: it is called repeatedly)
+    key:   hashable (device, kernel or direction, constexpr flags, m_bucket(M), N, K, dtype)
+    space: items to time, the heuristic's first: TileConfigs, or (variant name, TileConfig) pairs
+    run:   run(item) launches the kernel with that item (must be idempotent: it is called repeatedly)
     bench: bench(fn) -> milliseconds (``triton.testing.do_bench`` on CUDA)
     tune:  False where nothing may be timed (inside torch.compile tracing): cache hit or heuristic.
     A config that fails to compile or launch (e.g. out of shared memory) is skipped.
@@ -125,11 +261,22 @@ def tuned_config(key, M, N, K, dtype, run, bench, tune=True, space=None):
     if cfg is not None:
         return cfg
     cands = (space or candidates)(M, N, K, dtype)
-    if not (tune and autotune_enabled()):
+    if not autotune_enabled():
         return cands[0]
     with _TUNE_LOCK:
         if key in _CACHE:  # tuned by another thread while this one waited
             return _CACHE[key]
+        entry = _disk_entries().get(_key_str(key))
+        if entry is not None:
+            try:
+                item = _decode(entry)
+            except (KeyError, TypeError):
+                item = None
+            if item is not None and item in cands:  # a result that is still in the space
+                _CACHE[key] = item
+                return item
+        if not tune:
+            return cands[0]
         best, best_ms = cands[0], float("inf")
         for cfg in cands:
             try:
@@ -139,13 +286,16 @@ def tuned_config(key, M, N, K, dtype, run, bench, tune=True, space=None):
             if ms < best_ms:
                 best, best_ms = cfg, ms
         _CACHE[key] = best
+        _disk_entries()[_key_str(key)] = _encode(best)
+        _write_disk({_key_str(key): _encode(best)})
     return best
 
 
 def launch_config(device_name, kernel_name, flags, M, N, K, dtype, run, bench, traced=False, space=None):
     """The config for one CUDA launch: ``tuned_config`` under the launch rules.
 
-    * the key holds the device model, kernel, constexpr flags, M bucket, N, K and dtype;
+    * the key holds the device model, kernel (or direction, when variants are tuned too), constexpr
+      flags, M bucket, N, K and dtype;
     * an accumulating launch (``ACCUMULATE_DW``) is never timed — each timed run would add into the
       output again — and takes the config tuned for the same launch without accumulation, or the heuristic;
     * ``traced`` (inside a torch.compile trace) times nothing either: a cache hit or the heuristic.
@@ -156,5 +306,43 @@ def launch_config(device_name, kernel_name, flags, M, N, K, dtype, run, bench, t
     return tuned_config(key, M, N, K, dtype, run, bench, tune=not traced and not accumulating, space=space)
 
 
-def clear_cache():
-    _CACHE.clear()
+def export_cache(path):
+    """Write every tuned result this process knows (tuned here, read from disk or loaded) to ``path``:
+    a JSON file that ``load_cache`` reads on another machine with the same fusedad, torch and Triton."""
+    with _TUNE_LOCK:
+        entries = dict(_disk_entries())
+        entries.update({_key_str(k): _encode(v) for k, v in _CACHE.items()})
+        with open(path, "w") as f:
+            json.dump({"fingerprint": fingerprint(), "entries": entries}, f, indent=1, sort_keys=True)
+    return len(entries)
+
+
+def load_cache(path, strict=True):
+    """Read results written by ``export_cache`` (or a cache file) into this process and the on-disk cache.
+
+    strict: a file from another torch/Triton version or other kernel source is refused (ValueError);
+    with strict=False it is loaded anyway (entries whose config is no longer in the space are ignored
+    at lookup). Returns the number of entries loaded."""
+    data = _read(path)
+    if strict and data.get("fingerprint") != fingerprint():
+        raise ValueError(f"fusedad: {path} was tuned for {data.get('fingerprint')}, this is {fingerprint()}")
+    with _TUNE_LOCK:
+        _disk_entries().update(data["entries"])
+        for key in [k for k in _CACHE if _key_str(k) in data["entries"]]:
+            del _CACHE[key]  # the loaded result replaces this process's own
+        _write_disk(data["entries"])
+    return len(data["entries"])
+
+
+def clear_cache(disk=False):
+    """Forget this process's tuned results (the file is read again on next use); ``disk=True`` also
+    deletes the cache file."""
+    global _DISK
+    with _TUNE_LOCK:
+        _CACHE.clear()
+        _DISK = None
+        if disk:
+            try:
+                os.remove(cache_path())
+            except OSError:
+                pass

@@ -357,3 +357,186 @@ def _dz_kernel(
     if COMPUTE_DB:
         # Masked elements load as 0 and every chain rule maps (0, 0) to 0: they add nothing.
         tl.store(dbp_ptr + pid_m * stride_dbpm + offs_n, tl.sum(g, axis=0), mask=mask_n)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Forward v2: TMA-descriptor operands, a persistent grid, and a split-K decode path.
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tma_tile(x_desc, w_desc, pid_m, pid_n, K,
+              FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc = X[tile m, :]·W[tile n, :]ᵀ from two tensor descriptors: the (N, K) weight is loaded as a
+    [BLOCK_N, BLOCK_K] block (rows of W, K contiguous: what the copy engine reads best) and fed to the
+    product as its transpose. Blocks past the edges read as zeros (the descriptor clips), so no masks."""
+    if FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        a = x_desc.load([off_m, k0 * BLOCK_K])
+        b = w_desc.load([off_n, k0 * BLOCK_K])
+        if EMULATE_BF16:  # the interpreter's bf16 dot is wrong; bf16→fp32 is exact (see _gemm_tile)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _tma_store_subtiled(desc, off_m, off_n, value, EMULATE_BF16: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr):
+    """A TMA store of a (BLOCK_M, BLOCK_N) tile, in EPILOGUE_SPLIT (1 or 2) column halves: half the
+    staging buffer in shared memory, and the first half's copy overlaps the second's conversion."""
+    if EPILOGUE_SPLIT == 2:
+        v = tl.reshape(value, (BLOCK_M, 2, BLOCK_N // 2))
+        v = tl.permute(v, (0, 2, 1))
+        v0, v1 = tl.split(v)
+        desc.store([off_m, off_n], _cast(v0, desc.dtype, EMULATE_BF16))
+        desc.store([off_m, off_n + BLOCK_N // 2], _cast(v1, desc.dtype, EMULATE_BF16))
+    else:
+        desc.store([off_m, off_n], _cast(value, desc.dtype, EMULATE_BF16))
+
+
+@triton.jit
+def _linear_fwd_tma_body(
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, M, N, K, stride_xm, stride_wn, stride_b, stride_ym, stride_zm,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
+    FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    """Every program loops over tiles pid, pid + programs, … in grouped order: with one program per tile
+    (the plain grid) it runs one tile; with one per SM (the persistent grid) the next tile's loads start
+    while this one's epilogue runs, and no CTA launch/teardown sits between tiles.
+
+    Z = acc + b and Y = act(Z) as in ``_primal_epilogue`` (the same activation table); stored with TMA
+    in two column halves (epilogue subtiling)."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    EPILOGUE_SPLIT: tl.constexpr = 2 if BLOCK_N >= 128 else 1
+    y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[stride_ym, 1],
+                                       block_shape=[BLOCK_M, BLOCK_N // EPILOGUE_SPLIT])
+    if STORE_Z:
+        z_desc = tl.make_tensor_descriptor(z_ptr, shape=[M, N], strides=[stride_zm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_N // EPILOGUE_SPLIT])
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=False,
+                         warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = _tma_tile(x_desc, w_desc, pid_m, pid_n, K, FP64=FP64, EMULATE_BF16=EMULATE_BF16, PRECISION=PRECISION,
+                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        z = acc
+        if HAS_BIAS:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            z += tl.load(b_ptr + offs_n * stride_b, mask=offs_n < N, other=0.0).to(acc.dtype)[None, :]
+        if STORE_Z:
+            _tma_store_subtiled(z_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, z, EMULATE_BF16, BLOCK_M, BLOCK_N,
+                                EPILOGUE_SPLIT)
+        y = apply_activation(z, ACT)
+        _tma_store_subtiled(y_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, y, EMULATE_BF16, BLOCK_M, BLOCK_N,
+                            EPILOGUE_SPLIT)
+
+
+@triton.jit
+def _linear_fwd_tma_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_yn, stride_zm, stride_zn,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
+    FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``_linear_fwd_kernel``'s contract on tensor descriptors (K-contiguous, 16-byte aligned operands;
+    unit last strides are assumed, the *_k / *_n strides are not read). Plain or persistent grid."""
+    _linear_fwd_tma_body(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, M, N, K, stride_xm, stride_wn, stride_b, stride_ym,
+                         stride_zm, ACT=ACT, HAS_BIAS=HAS_BIAS, STORE_Z=STORE_Z, FP64=FP64, EMULATE_BF16=EMULATE_BF16,
+                         PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+                         WARP_SPECIALIZE=False)
+
+
+@triton.jit
+def _linear_fwd_tma_ws_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_yn, stride_zm, stride_zn,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
+    FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``_linear_fwd_tma_kernel`` with the tile loop warp-specialised (producer warps issue the copies,
+    consumer warpgroups the products and the epilogue)."""
+    _linear_fwd_tma_body(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, M, N, K, stride_xm, stride_wn, stride_b, stride_ym,
+                         stride_zm, ACT=ACT, HAS_BIAS=HAS_BIAS, STORE_Z=STORE_Z, FP64=FP64, EMULATE_BF16=EMULATE_BF16,
+                         PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
+                         WARP_SPECIALIZE=True)
+
+
+@triton.jit
+def _linear_fwd_splitk_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_yn, stride_zm, stride_zn,
+    part_ptr, K_SPLIT,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
+    FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Decode (M ≤ BLOCK_M), stage 1: program (n, s) computes the fp32 (fp64) partial product of the
+    K range [s·K_SPLIT, (s+1)·K_SPLIT) for output columns tile n, with the shared tile body, into
+    part[s] (a contiguous (splits, M, N) scratch buffer). No epilogue here (see the reduce kernel)."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    if INT64:
+        k_start = split.to(tl.int64) * K_SPLIT
+        part_off = split.to(tl.int64) * M * N
+    else:
+        k_start = split * K_SPLIT
+        part_off = split * M * N
+    acc, _unused_t, _unused_rowsum = _gemm_tile(
+        x_ptr + k_start * stride_xk, w_ptr + k_start * stride_wk, x_ptr, x_ptr, w_ptr,
+        pid_n * 0, pid_n, M, N, tl.minimum(K_SPLIT, K - k_start),
+        stride_xm, stride_xk, stride_wk, stride_wn, 0, 0, 0, 0, 0, 0,
+        PROLOGUE_ACT=ACT_NONE, ROWSUM_A=False, WITH_DOT=True, HAS_AT=False, HAS_BT=False,
+        FP64=FP64, EMULATE_BF16=EMULATE_BF16, PRECISION=PRECISION, INT64=INT64,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    )
+    offs_m, offs_n = _tile_offsets(pid_n * 0, pid_n, BLOCK_M, BLOCK_N, INT64)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    _store_tile(part_ptr + part_off, offs_m, offs_n, N, 1, acc, mask, EMULATE_BF16)
+
+
+@triton.jit
+def _linear_fwd_splitk_reduce_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_yn, stride_zm, stride_zn,
+    part_ptr, SPLITS,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
+    FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Decode, stage 2: acc = Σ_s part[s] in split order 0, 1, … (fixed: the result is bitwise
+    reproducible, no atomics), then the forward's own epilogue (bias, Z, activation)."""
+    pid_n = tl.program_id(0)
+    pid_m = pid_n * 0  # one row tile: M ≤ BLOCK_M
+    offs_m, offs_n = _tile_offsets(pid_m, pid_n, BLOCK_M, BLOCK_N, INT64)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ptrs = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+    step = M * N
+    if INT64:
+        step = tl.cast(M, tl.int64) * N
+    if FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.range(0, SPLITS, num_stages=3):
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(acc.dtype)
+        ptrs += step
+    _primal_epilogue(acc, b_ptr, y_ptr, z_ptr, pid_m, pid_n, M, N, stride_b, stride_ym, stride_yn, stride_zm,
+                     stride_zn, ACT=ACT, HAS_BIAS=HAS_BIAS, STORE_Z=STORE_Z, EMULATE_BF16=EMULATE_BF16,
+                     INT64=INT64, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)

@@ -142,50 +142,90 @@ def _strides(t, ndim):
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
 
+def _descriptor_scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator():
+    """In-kernel tensor descriptors (``tl.make_tensor_descriptor``) need global scratch memory for the
+    descriptors, which Triton asks for through its allocator — a context variable, so per thread: set a
+    torch allocation (on the current device and stream) wherever none is set; a user's own is kept."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_descriptor_scratch)
+
+
 def _launch(direction, args, flags, M, N, K, dtype, device, tensors, wrap=None, variant=None, config=None):
-    """Select the kernel variant (unless given), pick a config (unless given: interpreter / cached
-    autotune / heuristic), record the launch and run it.
+    """Select the kernel variant and its config (unless given: interpreter / cached autotune over the
+    applicable (variant, config) pairs / heuristic), record the launch(es) and run them.
 
     wrap: None for a plain launch, or ``torch.library.wrap_triton`` when called from a ``triton_op``
-    body that torch.compile traces — then nothing may be timed, so the config comes from the autotune
-    cache if this shape was tuned eagerly, else from the heuristic.
+    body that torch.compile traces — then nothing may be timed, so the pair comes from the autotune
+    cache if this shape was tuned eagerly (in this process or on disk), else from the heuristic.
     """
     problem = variants.Problem(M, N, K, dtype, tensors, flags)
-    variant = variant or variants.select(direction, problem)
+    # Inside a torch.compile trace (wrap) the kernels that build tensor descriptors in-kernel are left
+    # out: whether the compiled graph provides their global scratch memory is untested.
+    traced = wrap is not None
+    chosen = variant or variants.select(direction, problem, descriptors=not traced)
     if torch.jit.is_tracing():
         # The tracer cannot record a Triton launch: the trace would keep the output's allocation and
         # replay uninitialised memory. fusedad.linear / fusedad.nn.Linear never get here while tracing
         # (they call the fusedad::linear_fwd op, inside which tracing is off); direct kernel calls do.
         raise RuntimeError(
-            f"fusedad.kernels: a {variant.name} launch cannot be recorded by torch.jit.trace. Trace fusedad.linear or "
+            f"fusedad.kernels: a {chosen.name} launch cannot be recorded by torch.jit.trace. Trace fusedad.linear or "
             "fusedad.nn.Linear (recorded as the fusedad::linear_fwd op), or capture the model with "
             "torch.export.export")
-    kernel = variant.kernel
     if config is not None:
-        cfg = config
+        variant, cfg = chosen, config
     elif INTERPRETER:
-        cfg = configs.interpreter_config(M, N, K)
+        variant, cfg = chosen, configs.interpreter_config(M, N, K)
     else:
-        def run(c):
-            kernel[variant.grid(problem, c)](*args, **flags, **c.launch_kwargs())
+        if variant is not None:  # the caller fixed the variant: tune its tiles only
+            pairs = [(variant, c) for c in variant.config_space(M, N, K, dtype)]
+            key_name = variant.name
+        else:  # tune over (variant, config): the forced variant's name, or the direction, keys the cache
+            pairs = variants.tuning_space(direction, problem, descriptors=not traced)
+            key_name = chosen.name if variants.forced(direction) else direction
+        by_name = {v.name: v for v, _ in pairs}
+
+        def run(item):
+            name, c = item
+            _run(by_name[name], c, problem, args, flags, None, device, record=False)
 
         with torch.cuda.device(device):
-            cfg = configs.launch_config(_device_name(device.index), variant.name, flags, M, N, K, dtype, run,
-                                        lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20),
-                                        traced=wrap is not None, space=variant.config_space)
-    grid = variant.grid(problem, cfg)
-    for log in _RECORDERS:
-        log.append(Launch(variant.name, grid, dict(flags, **cfg.launch_kwargs()), args))
-    if grid[0] == 0:
-        return
-    launcher = kernel if wrap is None else wrap(kernel)
-    if INTERPRETER:
-        with _INTERPRETER_LOCK:
-            launcher[grid](*args, **flags, **cfg.launch_kwargs())
+            name, cfg = configs.launch_config(
+                _device_name(device.index), key_name, flags, M, N, K, dtype, run,
+                lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20), traced=wrap is not None,
+                space=lambda *_: [(v.name, c) for v, c in pairs])
+        variant = by_name.get(name, chosen)
+    _run(variant, cfg, problem, args, flags, wrap, device, record=True)
+
+
+def _run(variant, cfg, problem, args, flags, wrap, device, record):
+    """Launch ``variant`` with ``cfg``: one kernel on its grid, or its own ``launch`` (several kernels)."""
+    def launch_one(v, grid, a):
+        if record:
+            for log in _RECORDERS:
+                log.append(Launch(v.name, grid, dict(flags, **cfg.launch_kwargs()), a))
+        if grid[0] == 0:
+            return
+        launcher = v.kernel if wrap is None else wrap(v.kernel)
+        if INTERPRETER:
+            with _INTERPRETER_LOCK:
+                launcher[grid](*a, **flags, **cfg.launch_kwargs())
+        else:
+            if v.descriptors:
+                _ensure_allocator()
+            # The tensors' own device, not the current one: a backward may run on another thread/device.
+            with torch.cuda.device(device):
+                launcher[grid](*a, **flags, **cfg.launch_kwargs())
+
+    if variant.launch is not None:
+        variant.launch(problem, cfg, args, launch_one)
     else:
-        # The tensors' own device, not the current one: a backward may run on another thread/device.
-        with torch.cuda.device(device):
-            launcher[grid](*args, **flags, **cfg.launch_kwargs())
+        launch_one(variant, variant.grid(problem, cfg), args)
 
 
 def linear_forward(x, weight, bias=None, activation=None, store_preact=False,

@@ -8,12 +8,24 @@ row for sm_90.
 """
 import contextlib
 import dataclasses
-from typing import Callable
+import functools
+from typing import Callable, Optional
 
+import torch
 import triton
+from triton.runtime.interpreter import InterpretedFunction
 
 from . import configs
-from .gemm import _dz_kernel, _linear_bwd_kernel, _linear_fwd_kernel, _linear_fwd_tangent_kernel
+from .gemm import (_dz_kernel, _linear_bwd_kernel, _linear_fwd_kernel, _linear_fwd_splitk_kernel,
+                   _linear_fwd_splitk_reduce_kernel, _linear_fwd_tangent_kernel, _linear_fwd_tma_kernel,
+                   _linear_fwd_tma_ws_kernel)
+
+_INTERPRETER = isinstance(_linear_fwd_kernel, InterpretedFunction)
+#: Programs of a persistent grid under the interpreter (a GPU gets one per SM): small, but more than one,
+#: so that the tests see programs loop over several tiles.
+INTERPRETER_SMS = 2
+#: The decode path's M limit (one 16-row tile).
+DECODE_M = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +46,75 @@ def _any_layout(problem):
 
 def _forward_grid(p, cfg):
     return (triton.cdiv(p.M, cfg.BLOCK_M) * triton.cdiv(p.N, cfg.BLOCK_N),)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(p):
+    """Streaming multiprocessors of the problem's device (``INTERPRETER_SMS`` under the interpreter)."""
+    if _INTERPRETER:
+        return INTERPRETER_SMS
+    device = p.tensors[0].device
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _persistent_grid(p, cfg):
+    """One program per SM (never more programs than tiles); each loops over tiles in grouped order."""
+    return (min(_forward_grid(p, cfg)[0], num_sms(p)),)
+
+
+def _tma_ok(t):
+    """A tensor a TMA descriptor can address: unit last stride, 16-byte aligned base and other strides."""
+    if t is None:
+        return True
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all((s * size) % 16 == 0 for s in t.stride()[:-1]))
+
+
+def _tma_layout(p):
+    """x, weight, y (and z when stored) K-/N-contiguous and 16-byte aligned; 16-bit or fp32; int32
+    offsets (descriptor coordinates are 32-bit)."""
+    if p.dtype not in (torch.bfloat16, torch.float16, torch.float32) or p.flags.get("INT64") or len(p.tensors) < 5:
+        return False
+    x, w, _b, y, z = p.tensors[:5]
+    return all(_tma_ok(t) for t in (x, w, y, z))
+
+
+def _decode_shape(p):
+    return 0 < p.M <= DECODE_M and p.N > 0 and len(p.tensors) > 0
+
+
+def _never(p):
+    return False
+
+
+def splitk_plan(p, cfg):
+    """(splits, K per split) of the decode path: enough K splits that the N tiles × splits keep ≥ 2 waves
+    of CTAs streaming W (2 × SMs programs), each split a whole number of BLOCK_K blocks, none empty."""
+    n_tiles = triton.cdiv(p.N, cfg.BLOCK_N)
+    k_blocks = max(1, triton.cdiv(p.K, cfg.BLOCK_K))
+    splits = max(1, min(k_blocks, triton.cdiv(2 * num_sms(p), n_tiles)))
+    blocks_per_split = triton.cdiv(k_blocks, splits)
+    splits = triton.cdiv(k_blocks, blocks_per_split)
+    return splits, blocks_per_split * cfg.BLOCK_K
+
+
+def _splitk_grid(p, cfg):
+    return (triton.cdiv(p.N, cfg.BLOCK_N), splitk_plan(p, cfg)[0])
+
+
+def _splitk_launch(p, cfg, args, launch_one):
+    """Two launches: the split partial products into an fp32 (fp64) scratch buffer, then their sum in a
+    fixed order with the epilogue. ``launch_one(variant, grid, args)`` records and runs one kernel."""
+    splits, k_split = splitk_plan(p, cfg)
+    acc_dtype = torch.float64 if p.flags.get("FP64") else torch.float32
+    part = torch.empty((splits, p.M, p.N), dtype=acc_dtype, device=p.tensors[0].device)
+    launch_one(by_name("linear_fwd_splitk"), _splitk_grid(p, cfg), (*args, part, k_split))
+    launch_one(by_name("linear_fwd_splitk_reduce"), (triton.cdiv(p.N, cfg.BLOCK_N),), (*args, part, splits))
 
 
 def _backward_grid(p, cfg):
@@ -62,14 +143,39 @@ class Variant:
     default: bool = True
     #: backward only: dZ (and db) come from a "dz" pass first, and this kernel runs with no activation
     dz_pass: bool = False
+    #: a variant of more than one launch: launch(problem, cfg, args, launch_one) runs them (else one
+    #: launch of ``kernel`` on ``grid``)
+    launch: Optional[Callable] = None
+    #: builds tensor descriptors in the kernel (needs Triton's allocator; not used inside torch.compile)
+    descriptors: bool = False
 
 
 _BWD_UNIT_STRIDES = frozenset({"stride_dyn", "stride_xk", "stride_wk", "stride_sn", "stride_dxk", "stride_dwk",
                                "stride_db"})
 
+_FWD_UNIT_STRIDES = frozenset({"stride_xk", "stride_wk", "stride_b", "stride_yn", "stride_zn"})
+
 VARIANTS = (
+    # Decode (M ≤ 16): split-K so that ≥ 2 waves of CTAs stream the weight; a fixed-order reduction with
+    # the epilogue follows (the row below). Any strides (pointer loads through the shared tile body).
+    Variant("linear_fwd_splitk", "fwd", _linear_fwd_splitk_kernel, _splitk_grid, configs.decode_candidates,
+            _decode_shape, _FWD_UNIT_STRIDES, launch=_splitk_launch),
+    # The second launch of linear_fwd_splitk; a row only so that sm90_compile lowers it: never selected.
+    Variant("linear_fwd_splitk_reduce", "fwd", _linear_fwd_splitk_reduce_kernel, _forward_grid,
+            configs.decode_candidates, _never, _FWD_UNIT_STRIDES, default=False),
+    # Tensor descriptors: X as [BLOCK_M, BLOCK_K] and the (N, K) weight as [BLOCK_N, BLOCK_K] blocks
+    # (used transposed), TMA stores in column halves. One program per tile, grouped order.
+    Variant("linear_fwd_tma", "fwd", _linear_fwd_tma_kernel, _forward_grid, configs.tma_candidates, _tma_layout,
+            _FWD_UNIT_STRIDES, descriptors=True),
+    # The same kernel on a persistent grid (one program per SM looping over tiles); and warp-specialised.
+    # Not default: whether they beat one-program-per-tile is for a GPU (the tuner) to say.
+    Variant("linear_fwd_tma_persistent", "fwd", _linear_fwd_tma_kernel, _persistent_grid, configs.tma_candidates,
+            _tma_layout, _FWD_UNIT_STRIDES, default=False, descriptors=True),
+    Variant("linear_fwd_tma_ws", "fwd", _linear_fwd_tma_ws_kernel, _persistent_grid, configs.tma_ws_candidates,
+            _tma_layout, _FWD_UNIT_STRIDES, default=False, descriptors=True),
+    # v1: pointer loads over any strides (the weight read through swapped strides); the fallback.
     Variant("linear_fwd", "fwd", _linear_fwd_kernel, _forward_grid, configs.candidates, _any_layout,
-            frozenset({"stride_xk", "stride_wk", "stride_b", "stride_yn", "stride_zn"})),
+            _FWD_UNIT_STRIDES),
     Variant("linear_fwd_tangent", "fwd_tangent", _linear_fwd_tangent_kernel, _forward_grid, configs.tangent_candidates,
             _any_layout, frozenset({"stride_xk", "stride_wk", "stride_b", "stride_yn", "stride_zn", "stride_xtk",
                                     "stride_wtk", "stride_bt", "stride_ytn", "stride_ztn"})),
@@ -104,6 +210,11 @@ def use(name):
             _FORCED[variant.direction] = before
 
 
+def forced(direction):
+    """The variant name ``use`` forces for ``direction``, or None."""
+    return _FORCED.get(direction)
+
+
 def by_name(name):
     for variant in VARIANTS:
         if variant.name == name:
@@ -111,15 +222,41 @@ def by_name(name):
     raise KeyError(f"fusedad: no kernel variant named {name!r}; the table has {[v.name for v in VARIANTS]}")
 
 
-def select(direction, problem):
+def select(direction, problem, descriptors=True):
     """The variant forced by ``use`` if it applies, else the first default variant of ``direction``
-    that applies to ``problem``."""
+    that applies to ``problem``. descriptors=False: none that builds tensor descriptors."""
+    def ok(variant):
+        # (the descriptor check first: inside a trace the tensors may be fake, without a data pointer)
+        return (descriptors or not variant.descriptors) and variant.applies(problem)
+
     forced = _FORCED.get(direction)
     if forced is not None:
         variant = by_name(forced)
-        if variant.applies(problem):
+        if ok(variant):
             return variant
     for variant in VARIANTS:
-        if variant.direction == direction and variant.default and variant.applies(problem):
+        if variant.direction == direction and variant.default and ok(variant):
             return variant
     raise LookupError(f"fusedad: no {direction} kernel variant applies to {problem}")
+
+
+#: At most this many (variant, config) pairs are timed per autotune key.
+MAX_TUNING_PAIRS = 12
+#: Configs of each non-heuristic variant that are timed (its config space's first entries).
+OTHER_VARIANT_CONFIGS = 2
+
+
+def tuning_space(direction, problem, descriptors=True):
+    """The bounded list of (variant, config) pairs the autotuner times for one launch, heuristic first:
+    the selected variant (``select``: forced by ``use``, else the first applicable default) with its
+    whole config space, then — unless a variant is forced — every other applicable variant of the
+    direction with its first ``OTHER_VARIANT_CONFIGS`` configs, in table order."""
+    p = problem
+    first = select(direction, p, descriptors)
+    pairs = [(first, c) for c in first.config_space(p.M, p.N, p.K, p.dtype)]
+    if _FORCED.get(direction) is None:
+        for v in VARIANTS:
+            if (v.direction == direction and v is not first and (descriptors or not v.descriptors)
+                    and v.applies(p)):
+                pairs += [(v, c) for c in v.config_space(p.M, p.N, p.K, p.dtype)[:OTHER_VARIANT_CONFIGS]]
+    return pairs[:MAX_TUNING_PAIRS]

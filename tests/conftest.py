@@ -4,10 +4,13 @@ every kernel output with NaN; the reference checks and tolerance rule come from 
 On a CUDA machine the interpreter stays off: "cuda" tests run the compiled kernels and "cpu" tests run
 the eager path (``fusedad.backend`` tells which ran; tests that need the kernels say so).
 """
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import zlib
 
@@ -19,6 +22,10 @@ os.environ.setdefault("FUSEDAD_POISON_OUTPUTS", "1")  # an element a kernel forg
 # CUDA: test the heuristic configs, not a timing search per shape (each candidate is a compile; the
 # autotuner's policy has its own tests in test_configs.py, and the benchmark runs it for real).
 os.environ.setdefault("FUSEDAD_AUTOTUNE", "0")
+# Whatever a test tunes goes to a throw-away on-disk cache, never the user's ~/.cache/fusedad.
+if "FUSEDAD_CACHE_DIR" not in os.environ:
+    os.environ["FUSEDAD_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusedad-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["FUSEDAD_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 
@@ -70,3 +77,11 @@ def run_isolated(module, function, *args, timeout=300):
                else f"exit code {proc.returncode}")
         raise AssertionError(f"{module}.{function} failed in its subprocess ({how}):\n"
                              f"{(proc.stdout + proc.stderr)[-4000:]}")
+
+
+def kernel_kinds(log):
+    """The kernels of recorded launches, every forward variant named "linear_fwd" (and a split-K decode
+    forward's second, reducing launch left out): for tests about what runs, not which variant runs it
+    (the variant choice depends on the shape and alignment; tests/test_forward_v2.py checks it)."""
+    return [("linear_fwd" if l.kernel.startswith("linear_fwd") and not l.kernel.startswith("linear_fwd_tangent")
+             else l.kernel) for l in log if l.kernel != "linear_fwd_splitk_reduce"]

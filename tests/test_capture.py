@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import fusedad
-from conftest import DEVICES, randn, runs_kernels
+from conftest import DEVICES, kernel_kinds, randn, runs_kernels
 from fusedad.kernels import configs
 from fusedad.kernels import linear as kernels
 from fusedad.kernels import record_launches
@@ -96,7 +96,7 @@ def test_traced_module_recomputes_for_new_inputs(device):
     if runs_kernels(device):
         # Forward: one launch per layer. Backward: a dZ pass (act' and db) and a GEMM launch per layer,
         # plus the GELU layer's z recomputed (a trace never stores z: it is replayed in any grad mode).
-        assert collections.Counter(l.kernel for l in log) == {"linear_fwd": 4, "linear_dz": 3, "linear_bwd": 3}
+        assert collections.Counter(kernel_kinds(log)) == {"linear_fwd": 4, "linear_dz": 3, "linear_bwd": 3}
         with record_launches() as direct:
             model(x)
         assert [l.grid for l in log[:3]] == [l.grid for l in direct]
@@ -153,7 +153,7 @@ def test_trace_of_a_direct_kernel_call_raises(device):
     if not runs_kernels(device):
         pytest.skip("the eager backend never calls the launch wrappers")
     x, w = randn(3, 8, device=device), randn(4, 8, device=device)
-    with pytest.raises(RuntimeError, match="linear_fwd launch cannot be recorded by torch.jit.trace.*torch.export"):
+    with pytest.raises(RuntimeError, match=r"linear_fwd\w* launch cannot be recorded by torch.jit.trace.*torch.export"):
         torch.jit.trace(lambda x, w: kernels.linear_forward(x, w)[0], (x, w))
 
 
@@ -179,7 +179,7 @@ def test_script_module_holding_fusedad_layers(device, tmp_path):
         with record_launches() as log:
             _assert_same_fwd_bwd(scripted, ref, randn(*shape, device=device))
         if runs_kernels(device):  # grad mode: z kept, so no recompute
-            assert collections.Counter(l.kernel for l in log) == {"linear_fwd": 3, "linear_dz": 3, "linear_bwd": 3}
+            assert collections.Counter(kernel_kinds(log)) == {"linear_fwd": 3, "linear_dz": 3, "linear_bwd": 3}
     with torch.no_grad():
         assert scripted(randn(3, 8, device=device)).shape == (3, 4)
     scripted.save(str(tmp_path / "scripted.pt"))
@@ -231,7 +231,7 @@ def test_export_dynamic_batch(device):
         with record_launches() as log:
             y = ep.module()(x)
         torch.testing.assert_close(y, ref(x), **TOL)
-        assert [l.kernel for l in log] == (["linear_fwd"] * 3 if runs_kernels(device) else [])
+        assert kernel_kinds(log) == (["linear_fwd"] * 3 if runs_kernels(device) else [])
     decomposed = ep.run_decompositions()
     assert _call_targets(decomposed).count("fusedad.linear_fwd.default") == 3
     x = randn(4, 8, device=device)
@@ -254,7 +254,7 @@ def test_export_training_ir_backward(device):
     with record_launches() as log:
         _assert_same_fwd_bwd(ep.module(), ref, randn(6, 8, device=device))
     if runs_kernels(device):
-        assert collections.Counter(l.kernel for l in log) == {"linear_fwd": 3, "linear_dz": 3, "linear_bwd": 3}
+        assert collections.Counter(kernel_kinds(log)) == {"linear_fwd": 3, "linear_dz": 3, "linear_bwd": 3}
     with torch.no_grad():
         ep_inference = torch.export.export(model, (randn(3, 8, device=device),))
     assert [n.args[4] for n in ep_inference.graph.nodes if str(n.target) == "fusedad.linear_fwd.default"] == [
@@ -332,7 +332,7 @@ def test_record_launches_is_process_wide(device):
         worker = threading.Thread(target=fusedad.linear, args=(x, w, None, "relu"))
         worker.start()
         worker.join()
-    assert [l.kernel for l in log] == (["linear_fwd"] if runs_kernels(device) else [])
+    assert kernel_kinds(log) == (["linear_fwd"] if runs_kernels(device) else [])
 
 
 @device_param
@@ -345,7 +345,7 @@ def test_nested_recorders_each_get_their_launches(device):
             pass
         fusedad.linear(x, w, None, "relu")
     expected = ["linear_fwd"] if runs_kernels(device) else []
-    assert [l.kernel for l in outer] == expected and inner == []
+    assert kernel_kinds(outer) == expected and inner == []
 
 
 @device_param

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedad
-from conftest import ACTS, DEVICES, DTYPES, check_against_references, randn, runs_kernels
+from conftest import ACTS, DEVICES, DTYPES, check_against_references, kernel_kinds, randn, runs_kernels
 from fusedad.kernels import record_launches
 
 pytestmark = pytest.mark.parametrize("device", DEVICES)
@@ -18,7 +18,7 @@ def test_cpu_tests_run_the_kernels_not_the_fallback(device):
     x, w = randn(3, 4, device=device), randn(5, 4, device=device)
     with record_launches() as log:
         fusedad.linear(x, w)
-    assert [l.kernel for l in log] == (["linear_fwd"] if runs_kernels(device) else [])
+    assert kernel_kinds(log) == (["linear_fwd"] if runs_kernels(device) else [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
