@@ -6,14 +6,16 @@ single-launch backward.
     y = fusedad.functional.linear(x, w, b, activation="relu")
     model = fusedad.convert(model)          # swap every nn.Linear (and fuse Linear→ReLU/GELU/SiLU)
     fusedad.testing.gradcheck(my_linear)     # verify a linear kernel as fusedad's suite does
+    loss = fusedad.linear_cross_entropy(h, lm_head_w, labels)   # fused LM head loss, no logits
     fusedad.backend(x)                      # "triton" | "triton-interpreter" | "eager"
 """
 from . import functional, nn, testing
 from .activations import ACTIVATIONS
 from .backend import backend
 from .convert import convert
-from .functional import linear
-from .nn import Linear
+from .functional import linear, linear_cross_entropy
+from .nn import Linear, LinearCrossEntropyLoss
 
 __version__ = "0.1.0"
-__all__ = ["ACTIVATIONS", "Linear", "backend", "convert", "functional", "linear", "nn", "testing"]
+__all__ = ["ACTIVATIONS", "Linear", "LinearCrossEntropyLoss", "backend", "convert", "functional", "linear",
+           "linear_cross_entropy", "nn", "testing"]

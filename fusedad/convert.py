@@ -2,7 +2,7 @@
 import torch
 
 from . import activations
-from .nn import Linear
+from .nn import Linear, LinearCrossEntropyLoss
 
 
 def _fused_copy(linear, activation=None):
@@ -12,6 +12,24 @@ def _fused_copy(linear, activation=None):
     new.weight = linear.weight
     new.bias = linear.bias
     new.train(linear.training)
+    return new
+
+
+def _is_torch_lce(module):
+    """``torch.nn.LinearCrossEntropyLoss`` (PyTorch ≥ 2.13; never true on older torch)."""
+    cls = getattr(torch.nn, "LinearCrossEntropyLoss", None)
+    return cls is not None and type(module) is cls
+
+
+def _fused_lce(loss):
+    """A fusedad LinearCrossEntropyLoss sharing ``loss``'s head (its ``linear`` module and class weights)."""
+    new = LinearCrossEntropyLoss(loss.linear.in_features, loss.num_classes, out_features=loss.out_features,
+                                 bias=loss.linear.bias is not None, device="meta", reduction=loss.reduction,
+                                 ignore_index=loss.ignore_index, label_smoothing=loss.label_smoothing,
+                                 options=loss.options)
+    new.linear = loss.linear
+    new.weight = loss.weight
+    new.train(loss.training)
     return new
 
 
@@ -25,13 +43,19 @@ def convert(model, fuse_activations=True):
     state_dict keys, stay the same). Subclasses of nn.Linear (fusedad's own included) are left alone,
     as are forward hooks registered on the replaced modules (they are not carried over).
 
-    A bare ``nn.Linear`` passed as ``model`` is returned converted.
+    ``torch.nn.LinearCrossEntropyLoss`` modules (PyTorch ≥ 2.13) become ``fusedad.nn.LinearCrossEntropyLoss``
+    sharing their ``linear`` head and class weights. A bare ``nn.Linear`` (or LinearCrossEntropyLoss) passed
+    as ``model`` is returned converted.
     """
     if type(model) is torch.nn.Linear:
         return _fused_copy(model)
+    if _is_torch_lce(model):
+        return _fused_lce(model)
     for name, child in list(model.named_children()):
         if type(child) is torch.nn.Linear:
             setattr(model, name, _fused_copy(child))
+        elif _is_torch_lce(child):
+            setattr(model, name, _fused_lce(child))
         else:
             convert(child, fuse_activations)
     if fuse_activations and isinstance(model, torch.nn.Sequential):

@@ -45,3 +45,6 @@ def linear(input, weight, bias=None, activation=None, *, weight_main_grad=None):
     y = route(x, weight, bias, act, weight_main_grad)
     y = y if input.dim() == 2 else y.reshape(*lead, out_features)
     return y.squeeze(-1) if vector_weight else y
+
+
+from .cross_entropy import linear_cross_entropy  # noqa: E402  (the fused LM head loss)

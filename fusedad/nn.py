@@ -94,3 +94,51 @@ def _managed_by_fully_shard(layer):
                 if any(p._module_info.module is layer for p in group.fsdp_params):
                     return True
     return False
+
+
+class LinearCrossEntropyLoss(torch.nn.modules.loss._WeightedLoss):
+    """Mirror of ``torch.nn.LinearCrossEntropyLoss`` (PyTorch ≥ 2.13) on the fused kernels, on any torch.
+
+    Owns the head: ``self.linear`` is a ``torch.nn.Linear(in_features, num_classes·∏out_features, bias)``
+    and ``self.weight`` the class weights (a buffer), so the constructor, ``state_dict`` keys
+    (``weight``, ``linear.weight``, ``linear.bias``) and ``forward(input, target)`` are PyTorch's.
+    ``options`` (the chunking strategy of PyTorch's path) is accepted and ignored: fusedad never
+    materialises the logits. Extensions: ``softcap`` and ``z_loss`` (see
+    ``fusedad.functional.linear_cross_entropy``).
+    """
+
+    def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None, dtype=None,
+                 reduction="mean", weight=None, ignore_index=None, label_smoothing=0.0, options=None,
+                 softcap=None, z_loss=0.0):
+        if weight is not None and weight.shape != (num_classes,):
+            raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+        if label_smoothing < 0 or label_smoothing > 1.0:
+            raise RuntimeError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+        super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
+        self.num_classes = num_classes
+        self.out_features = tuple(out_features)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.options = options
+        self.softcap = softcap
+        self.z_loss = z_loss
+        size = num_classes
+        for d in self.out_features:
+            size *= d
+        self.linear = torch.nn.Linear(in_features, size, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, input, target):
+        from .cross_entropy import linear_cross_entropy
+
+        lead = (self.num_classes, *self.out_features)
+        weight = self.linear.weight.reshape(*lead, self.linear.in_features)
+        bias = self.linear.bias.reshape(lead) if self.linear.bias is not None else None
+        return linear_cross_entropy(input, weight, target, linear_bias=bias, weight=self.weight,
+                                    reduction=self.reduction, ignore_index=self.ignore_index,
+                                    label_smoothing=self.label_smoothing, softcap=self.softcap, z_loss=self.z_loss)
+
+    def extra_repr(self):
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, reduction={self.reduction}, "
+                f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, softcap={self.softcap}, "
+                f"z_loss={self.z_loss}")
