@@ -13,6 +13,8 @@ from torch import nn
 
 import fusedad
 
+from .runner import Builders
+
 #: Activation choices: "none" (a plain linear) and every activation fusedad fuses.
 ACTIVATIONS = ("none", *fusedad.ACTIVATIONS)
 
@@ -138,9 +140,18 @@ def layer_builders(shape, dtype, activation, phase, plan):
         w, b, gelu = model[0].weight, model[0].bias, activation == "gelu_tanh"
         return forward_under(torch.no_grad, lambda a: torch._addmm_activation(b, a, w.t(), use_gelu=gelu), x)
 
+    def refresh():
+        """New values for the case's inputs, in place (the CUDA-graph check): dY, and X and Ẋ unless the
+        forward was done once at build time (phase bwd: it saved X; changing X would void that graph)."""
+        with torch.no_grad():
+            for t in (dy, xt) if phase == "bwd" else (x, dy, xt):
+                if t is not None:
+                    t.normal_()
+
     applies = device == "cuda" and phase == "fwd" and activation in ("relu", "gelu_tanh")
-    return builders(model, lambda m: phase_fn(m, phase, x, dy, xt), plan, compile_jvp if phase == "jvp" else None,
-                    {"cublaslt": cublaslt} if applies else None)
+    return Builders(builders(model, lambda m: phase_fn(m, phase, x, dy, xt), plan,
+                             compile_jvp if phase == "jvp" else None, {"cublaslt": cublaslt} if applies else None),
+                    refresh)
 
 
 def net3_builders(net3, dtype, mode, plan):
