@@ -24,7 +24,7 @@ import fusedad
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # bench/ is not installed (not shipped in the wheel): import it from the checkout
 
-from bench import checks, cli, impls, plan, report, runner  # noqa: E402
+from bench import checks, cli, impls, plan, protocol, report, runner  # noqa: E402
 from bench.suites import SUITES, Suite, backward, layers, memory, modes, register  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -603,5 +603,136 @@ def test_backward_preset_is_the_protocol_plan():
     assert graphs == [True] * 5 + [False] * 5
 
 
-def test_gpu_check_script_parses():
-    subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_check.sh")], check=True)
+# --- bench/gpu_run.sh and its dry run ------------------------------------------------------------------
+
+GPU_RUN = REPO / "bench" / "gpu_run.sh"
+DRY_RUN_STEPS = {"setup": "PASS", "pytest": "skipped (no GPU)", "backward": "PASS", "train": "PASS",
+                 "memcheck": "skipped (no GPU)", "memcheck-alt-bwd": "skipped (no GPU)", "sanitize-cpu": "PASS",
+                 "overhead": "PASS"}
+
+
+def test_gpu_run_script_parses_and_has_help():
+    subprocess.run(["bash", "-n", str(GPU_RUN)], check=True)
+    text = subprocess.run(["bash", str(GPU_RUN), "--help"], capture_output=True, text=True, check=True).stdout
+    for word in ("--dry-run", "OUT=", "PYTEST_LIMIT", "BACKWARD_LIMIT", "TRAIN_LIMIT", "MEMCHECK_LIMIT",
+                 "OVERHEAD_LIMIT", "TOTAL_LIMIT", "FUSEDAD_AUTOTUNE"):
+        assert word in text
+    assert not (REPO / "bench" / "gpu_check.sh").exists()  # one script
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """``bash bench/gpu_run.sh --dry-run`` as a GPU session would run it (OUT=...), here on the CPU."""
+    if torch.cuda.is_available():
+        pytest.skip("the dry run's expectations are those of a machine without a GPU")
+    out = tmp_path_factory.mktemp("gpu-run")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDAD_POISON_OUTPUTS")}
+    status_before = _git("status", "--porcelain")
+    proc = subprocess.run(["bash", str(GPU_RUN), "--dry-run"], cwd=REPO, env=dict(env, OUT=str(out), PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=900)
+    assert (out / "summary.json").exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc.git_status = (status_before, _git("status", "--porcelain"))
+    return proc, out, _strict_json(out / "summary.json")
+
+
+def test_dry_run_passes_and_records_every_step(dry_run):
+    proc, _, summary = dry_run
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert {s["step"]: s["status"] for s in summary["steps"]} == DRY_RUN_STEPS
+    assert summary["dry_run"] is True and summary["failed"] == [] and summary["performance_figures"] is False
+
+
+def test_dry_run_writes_few_flat_files_the_device_tool_takes_back(dry_run):
+    _, out, _ = dry_run
+    entries = list(out.iterdir())
+    assert all(p.is_file() for p in entries) and len(entries) <= 8
+    assert {p.name for p in entries} == {"summary.md", "summary.json", "pytest.log", "steps.log", "memcheck.log",
+                                         "backward.json", "train.json"}
+    for p in entries:
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", p.name) and p.stat().st_size < 16 * 2**20
+
+
+def test_dry_run_prints_the_summary_table_last_and_shows_skips(dry_run):
+    proc, out, _ = dry_run
+    tail = proc.stdout.rstrip().splitlines()
+    assert tail[-1] == "result: every step PASS or skipped"
+    table = tail[tail.index(next(ln for ln in tail if ln.startswith("| step "))):-1]
+    assert [ln.split("|")[1].strip() for ln in table[2:] if ln.startswith("|")] == list(DRY_RUN_STEPS)
+    assert "| pytest           | skipped (no GPU) |" in proc.stdout  # visible, not silent
+    assert "**DRY RUN**" in proc.stdout and "not a performance figure" in proc.stdout
+    assert (out / "summary.md").read_text() in proc.stdout
+
+
+def test_dry_run_backward_and_train_step_results(dry_run):
+    _, out, summary = dry_run
+    rows = _strict_json(out / "backward.json")["rows"]
+    impls = ["eager", *(plan.VARIANT_IMPL.format(v.name) for v in backward.bwd_variants()), "floor"]
+    cases = {(r["case"], r["activation"]) for r in rows}
+    assert len(cases) == 2 * 5 and {a for _, a in cases} == set(backward.ACTS)
+    for case in cases:
+        sub = [r for r in rows if (r["case"], r["activation"]) == case]
+        assert [r["impl"] for r in sub] == impls and all(r["status"] == "ok" for r in sub)
+        small = sub[0]["M"] <= backward.CPU_SHAPES[0].M
+        assert all((r.get("graph_status") == runner.GRAPH_NO_GPU) == small for r in sub)
+    train = _strict_json(out / "train.json")
+    assert {r["phase"] for r in train["rows"]} == {"fwd+bwd"} and {r["impl"] for r in train["rows"]} == {
+        "eager", "fusedad"}
+    assert any(r.get("graph_status") == runner.GRAPH_NO_GPU for r in train["rows"])
+    tables = summary["tables"]
+    assert len(tables["backward"]) == 10 and len(tables["backward_graph"]) == 5 and len(tables["train"]) == 4
+    assert {line["compile"] for line in tables["train"]} == {"not run"}  # visible: compile is not run on CPU
+    assert set(tables["overhead"][0]) == {"phase", "nn.Linear µs", "fusedad µs", "added µs"}
+
+
+def test_dry_run_leaves_the_checkout_as_it_was(dry_run):
+    before, after = dry_run[0].git_status
+    if before is None:
+        pytest.skip("not a git checkout")
+    assert after == before
+
+
+def test_protocol_report_from_cuda_like_results(tmp_path):
+    """The summary of a GPU run (synthetic results): ratios, graph tables, failed steps, exit status."""
+    def row(case, act, impl, ms, graph=None, status="ok"):
+        r = dict(suite="backward", case=case, M=256, K=4096, N=8192, dtype="bf16", activation=act, phase="bwd",
+                 impl=impl, status=status, ms=ms)
+        if graph is not None:
+            r.update(graph_status="ok", ms_graph=graph, launch_ms=ms - graph)
+        return r
+
+    rows = [row("net3-l0 M256", "gelu", "eager", 0.20, 0.12), row("net3-l0 M256", "gelu", "fusedad:linear_bwd", 0.10, 0.08),
+            row("net3-l0 M256", "gelu", "floor", 0.08, 0.07),
+            row("llm-up M8192", "gelu", "eager", 3.3), row("llm-up M8192", "gelu", "fusedad:linear_bwd", 3.0),
+            row("llm-up M8192", "gelu", "floor", 2.8, status="ERROR: RuntimeError: x")]
+    env = {"performance_figures": True, "device_name": "NVIDIA H100 80GB HBM3"}
+    (tmp_path / "backward.json").write_text(json.dumps({"env": env, "rows": rows}))
+    steps = tmp_path / "steps.tsv"
+    steps.write_text("setup\tPASS\t3\t20\tsteps.log\t\npytest\tTIMEOUT (90 s)\t90\t90\tpytest.log\t\n"
+                     "backward\tPASS\t60\t80\tsteps.log\t\n")
+    (tmp_path / "pytest.log").write_text("==== pytest (limit 90 s)\n...\n= 120 passed in 89.0s (interrupted) =\n")
+    md, summary = protocol.build(tmp_path, protocol.read_steps(steps), "mode: GPU\n", False)
+    b = summary["tables"]["backward"]
+    assert b[0]["fusedad:linear_bwd × eager"] == "2.00" and b[0]["fusedad:linear_bwd ÷ floor"] == "1.25"
+    assert b[1]["floor"] == "ERROR" and b[1]["fusedad:linear_bwd ÷ floor"] == ""
+    g = summary["tables"]["backward_graph"]
+    assert len(g) == 1 and g[0]["fusedad:linear_bwd graph"] == "0.08" and g[0]["eager launch"] == "0.08"
+    assert summary["failed"] == ["pytest"] and md.rstrip().endswith("result: NOT OK: pytest")
+    detail = {s["step"]: s["detail"] for s in summary["steps"]}
+    assert detail["pytest"] == "120 passed in 89.0s (interrupted)" and "no train.json" not in md
+    assert detail["backward"] == "6 rows: 1 ERROR, 5 ok; graphs: 3 ok; fusedad not ok: 0"
+
+
+def test_notes_prediction_template_lists_every_figure_the_protocol_prints():
+    """bench/NOTES.md's template has a row for every (shape, activation) the protocol times and a column
+    for every implementation, so predictions can be written before a run."""
+    notes = (REPO / "bench" / "NOTES.md").read_text()
+    section = notes.split("## GPU protocol (bench/gpu_run.sh)", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("|")]
+    for shape in backward.preset("cuda", False)["shapes"]:
+        for act in backward.ACTS:
+            assert any(f"| {shape.label} | {act} |" in ln for ln in lines), (shape.label, act)
+    heads = " ".join(ln for ln in lines if ln.startswith("| shape"))
+    for impl in ("eager", *(plan.VARIANT_IMPL.format(v.name) for v in backward.bwd_variants()), "floor", "compile"):
+        assert impl in heads, impl
+    for step in ("pytest", "backward", "train", "memcheck", "memcheck-alt-bwd", "overhead"):
+        assert f"| {step} |" in section, step
