@@ -39,7 +39,7 @@ EPILOG = """\
 outputs: a console table, and in bench/out/<YYYY-MM-DD>-<device>[-quick]/ (git-ignored) or --out DIR:
   results.json (every figure, the plan and the environment: card, driver, versions, command line),
   results.md (tables), PNG plots (modes, speedup vs eager, roofline/% of peak, memory, correctness).
-exit status: 1 if any fusedad row is FAIL or ERROR, else 0.
+exit status: 1 if any fusedad row is FAIL or ERROR (its CUDA-graph replay included), else 0.
 
 examples:
   python -m bench --quick      # CPU: < 1 min, interpreter, correctness only; GPU: sized for < 3 min
@@ -76,6 +76,10 @@ def build_parser():
                    help="layer shapes instead of the preset, e.g. 8192x4096x14336 (x: M×K, weight: N×K)")
     p.add_argument("--rounds", type=int, metavar="N",
                    help="interleaved timing rounds per case (default: 5 full, 3 quick; CPU 3 / 2)")
+    p.add_argument("--graph-max-m", type=int, metavar="M",
+                   help="also time a CUDA-graph replay of every implementation for cases with M <= this, in the "
+                        "suites that have the setting (default: backward 256, layers 0 = none); without CUDA "
+                        "those rows say 'skipped (no GPU)'")
     p.add_argument("--rep-ms", type=float, metavar="MS",
                    help="do_bench timing window per implementation per round, CUDA (default: 25 full, 10 quick)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
@@ -110,6 +114,8 @@ def plan_from_args(args, device):
              "shapes": args.shape and tuple(Shape.parse(s) for s in args.shape)}
     for settings in plan.settings.values():
         settings.update({k: v for k, v in given.items() if v and k in settings})
+        if args.graph_max_m is not None and "graph_max_m" in settings:
+            settings["graph_max_m"] = args.graph_max_m
     if args.impl:
         plan.impls = tuple(dict.fromkeys(("eager", *args.impl)))
         plan.skipped_impls = {k: v for k, v in plan.skipped_impls.items() if k not in plan.impls or k == "cublaslt"}
@@ -155,8 +161,15 @@ def run(plan, argv=(), out_dir=None, progress=True, plots=True, log=print):
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"env": env, "peaks": peaks, "plan": report.plan_record(plan), "rows": [], "plots": []}
     for name in plan.suites:
-        results["rows"] += runner.run_suite(SUITES[name], plan, peaks, progress=progress)
-        report.write(results, out_dir)  # after every suite: a run cut short keeps what it measured
+        done = results["rows"]
+
+        def write_so_far(rows, done=done):  # after every case: a run cut short keeps what it measured
+            results["rows"] = done + rows
+            report.write(results, out_dir)
+
+        results["rows"] = done + runner.run_suite(SUITES[name], plan, peaks, progress=progress,
+                                                  after_case=write_so_far)
+        report.write(results, out_dir)
 
     env["seconds"] = round(time.perf_counter() - started, 1)
     if plots:
@@ -171,7 +184,11 @@ def run(plan, argv=(), out_dir=None, progress=True, plots=True, log=print):
 
 
 def fusedad_failures(rows):
-    return [r for r in rows if r["impl"] == "fusedad" and r["status"] != "ok"]
+    """fusedad rows (``plan.is_fusedad``) that are FAIL or ERROR, or whose CUDA-graph replay is."""
+    from .plan import is_fusedad
+    from .runner import graph_failed
+
+    return [r for r in rows if is_fusedad(r["impl"]) and (r["status"] != "ok" or graph_failed(r))]
 
 
 def main(argv=None):

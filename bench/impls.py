@@ -13,6 +13,8 @@ from torch import nn
 
 import fusedad
 
+from .runner import Builders
+
 #: The eager module for each activation of fusedad's table that has one: what ``fusedad.convert`` fuses
 #: into the preceding Linear (the table's first listed module type, with its attributes). An activation
 #: without a torch module (relu2) cannot be benchmarked as "the eager model fusedad replaces".
@@ -140,9 +142,18 @@ def layer_builders(shape, dtype, activation, phase, plan):
         w, b, gelu = model[0].weight, model[0].bias, activation == "gelu_tanh"
         return forward_under(torch.no_grad, lambda a: torch._addmm_activation(b, a, w.t(), use_gelu=gelu), x)
 
+    def refresh():
+        """New values for the case's inputs, in place (the CUDA-graph check): dY, and X and Ẋ unless the
+        forward was done once at build time (phase bwd: it saved X; changing X would void that graph)."""
+        with torch.no_grad():
+            for t in (dy, xt) if phase == "bwd" else (x, dy, xt):
+                if t is not None:
+                    t.normal_()
+
     applies = device == "cuda" and phase == "fwd" and activation in ("relu", "gelu_tanh")
-    return builders(model, lambda m: phase_fn(m, phase, x, dy, xt), plan, compile_jvp if phase == "jvp" else None,
-                    {"cublaslt": cublaslt} if applies else None)
+    return Builders(builders(model, lambda m: phase_fn(m, phase, x, dy, xt), plan,
+                             compile_jvp if phase == "jvp" else None, {"cublaslt": cublaslt} if applies else None),
+                    refresh)
 
 
 def net3_builders(net3, dtype, mode, plan):

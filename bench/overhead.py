@@ -9,6 +9,7 @@ CPU: argument checks, dispatch, the autograd Function and its saved tensors — 
 around the arithmetic. Custom ops are never on this path (they are only used under torch.compile).
 """
 import argparse
+import json
 import statistics
 import time
 
@@ -65,15 +66,26 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--rounds", type=int, default=30, help="interleaved rounds (default 30)")
+    p.add_argument("--calls", type=int, default=200, help="calls per round and implementation (default 200)")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON (bench/gpu_run.sh reads it)")
     args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.set_num_threads(1)
-    print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}), fusedad backend "
-          f"{fusedad.backend(torch.empty(0, device=device))}, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}; Linear(64, 64) + GELU, batch 8, median µs per call")
+    backend = fusedad.backend(torch.empty(0, device=device))
+    head = (f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}), fusedad backend "
+            f"{backend}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; Linear(64, 64) + GELU, batch 8, "
+            f"median µs per call over {args.rounds} rounds of {args.calls} calls")
+    print(head)
     print(f"{'phase':22s} {'nn.Linear':>10s} {'fusedad':>10s} {'added':>8s}")
-    for name, (a, b) in measure(device).items():
+    result = measure(device, rounds=args.rounds, calls=args.calls)
+    for name, (a, b) in result.items():
         print(f"{name:22s} {a:10.1f} {b:10.1f} {b - a:+8.1f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"what": head, "device": device, "fusedad_backend": backend,
+                       "phases": {k: {"nn_linear_us": a, "fusedad_us": b, "added_us": b - a}
+                                  for k, (a, b) in result.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":

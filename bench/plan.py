@@ -16,9 +16,19 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 #: Implementations and what each is.
 IMPLS = {"eager": "the eager PyTorch model, always run: the reference", "fusedad": "fusedad.convert of it",
          "compile": "torch.compile of the eager model", "cublaslt": "torch._addmm_activation, cuBLASLt's fused "
-         "epilogue: CUDA, forward with bias + relu/gelu_tanh"}
+         "epilogue: CUDA, forward with bias + relu/gelu_tanh",
+         "floor": "the GEMM floor of a backward: dX = dZ·W and dW = dZᵀ·X by two torch.mm (cuBLAS on CUDA) on a "
+         "given dZ (backward suite; a reference row, checked on dX and dW only)"}
 IMPL_LABELS = {"eager": "eager", "fusedad": "fusedad", "compile": "torch.compile",
-               "cublaslt": "cuBLASLt epilogue", "planted-mismatch": "planted-mismatch"}
+               "cublaslt": "cuBLASLt epilogue", "planted-mismatch": "planted-mismatch", "floor": "GEMM floor"}
+
+#: Row impl of a fusedad kernel variant run through ``variants.use(name)`` (the backward suite).
+VARIANT_IMPL = "fusedad:{}"
+
+
+def is_fusedad(impl):
+    """True for fusedad's rows: ``fusedad`` and ``fusedad:<kernel variant>``."""
+    return impl == "fusedad" or impl.startswith(VARIANT_IMPL.format(""))
 
 CPU_LABEL = "cpu-interpreter, tiny shapes, correctness only"
 CPU_TIMING_NOTE = "cpu-interpreter (not a performance figure)"

@@ -27,6 +27,12 @@ FIELDS = {
     "bound": "compute | memory: arithmetic intensity vs the measured ridge point",
     "pct_peak": "% of the measured same-dtype GEMM peak (compute) or copy bandwidth (memory)",
     "speedup": "eager ms / ms",
+    "note": "how a reference row is checked (e.g. on part of eager's outputs)",
+    "graph_status": "CUDA-graph replay (cases with M <= graph_max_m): ok | FAIL | ERROR: <message> | "
+                    "skipped (no GPU); checked like the plain call, on new input values, outputs NaN-filled first",
+    "graph_rel_err": "the replay's rel_err vs eager",
+    "ms_graph, ms_graph_min, ms_graph_max, round_ms_graph": "the replay's timing, as ms",
+    "launch_ms": "ms - ms_graph: the host-side cost (Python, autograd, launches) the graph removes",
 }
 
 
@@ -52,12 +58,32 @@ TFLOPS = ("TFLOP/s", num("tflops", ".1f"))
 GBPS = ("GB/s", lambda r: num("gbps", ".0f")(r) if r.get("bound") == "memory" else "")
 PCT_PEAK = ("% peak", lambda r: num("pct_peak", ".0f", "% bw" if r.get("bound") == "memory" else "% mm")(r))
 SPEEDUP = ("× eager", num("speedup", ".2f"))
+# CUDA-graph columns (rows of ``Case.graph`` cases) and a reference row's note. Optional: a table drops
+# them when they are empty in every row, so suites and runs without graphs show none of them.
+GRAPH_MS = ("graph ms", num("ms_graph", ".4g"))
+LAUNCH_MS = ("launch ms", num("launch_ms", ".3g"))
+GRAPH = ("graph", lambda r: _short(r.get("graph_status", ""), 40))
+NOTE = ("note", lambda r: r.get("note", ""))
+OPTIONAL = {GRAPH_MS[0], LAUNCH_MS[0], GRAPH[0], NOTE[0]}
+
+
+def _short(s, width):
+    return s if len(s) <= width else s[: width - 1] + "…"
 
 
 def timed_columns(performance, perf=(SPREAD, TFLOPS, GBPS, PCT_PEAK, SPEEDUP)):
-    """impl, status, rel err, ms (ms* where it is not a performance figure), then ``perf`` on a
-    performance run: the columns of a suite run by ``runner.run_timed``."""
-    return [IMPL, STATUS, REL_ERR, ("ms" if performance else "ms*", num("ms", ".4g")), *(perf if performance else ())]
+    """impl, status, rel err, ms (ms* where it is not a performance figure), the CUDA-graph columns
+    (graph ms, launch ms = ms − graph ms, graph status: shown only where a row has them), then ``perf`` on
+    a performance run: the columns of a suite run by ``runner.run_timed``."""
+    ms = ("ms" if performance else "ms*", num("ms", ".4g"))
+    return [IMPL, STATUS, REL_ERR, ms, GRAPH_MS, LAUNCH_MS, GRAPH, *(perf if performance else ())]
+
+
+def _visible(rows, cols):
+    """``cols`` without the OPTIONAL ones that are empty in every row."""
+    def empty(head, cell):
+        return all(not (r.get(cell) if isinstance(cell, str) else cell(r)) for r in rows)
+    return [(head, cell) for head, cell in cols if head not in OPTIONAL or not empty(head, cell)]
 
 
 def _cells(rows, cols, status_width=None):
@@ -67,6 +93,7 @@ def _cells(rows, cols, status_width=None):
 
 def text_table(rows, cols, status_width=48):
     """Aligned plain-text table for the console."""
+    cols = _visible(rows, cols)
     body = _cells(rows, cols, status_width)
     heads = [h for h, _ in cols]
     widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h) for i, h in enumerate(heads)]
@@ -75,6 +102,7 @@ def text_table(rows, cols, status_width=48):
 
 
 def markdown_table(rows, cols):
+    cols = _visible(rows, cols)
     esc = lambda s: s.replace("|", "\\|")  # noqa: E731
     lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(esc(c) for c in cells) + " |" for cells in _cells(rows, cols)]

@@ -24,8 +24,8 @@ import fusedad
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # bench/ is not installed (not shipped in the wheel): import it from the checkout
 
-from bench import checks, cli, impls, plan, report, runner  # noqa: E402
-from bench.suites import SUITES, Suite, layers, memory, modes, register  # noqa: E402
+from bench import checks, cli, impls, plan, protocol, report, runner  # noqa: E402
+from bench.suites import SUITES, Suite, backward, layers, memory, modes, register  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -90,7 +90,7 @@ def test_quick_run_covers_every_suite_and_labels_cpu_timings(quick_run):
         assert f"-- {suite.title}" in proc.stdout
     assert plan.CPU_TIMING_NOTE in proc.stdout
     assert plan.CPU_LABEL in proc.stdout
-    assert {r["suite"] for r in results["rows"]} == set(SUITES) == {"modes", "layers", "memory", "lm-head"}
+    assert {r["suite"] for r in results["rows"]} == set(SUITES) == {"modes", "layers", "memory", "backward", "lm-head"}
     # Every phase of the layers suite and every grad mode of Net3 ran.
     assert {r["phase"] for r in results["rows"] if r["suite"] == "layers"} == set(impls.PHASES)
     assert {r["mode"] for r in results["rows"] if r["suite"] == "modes"} == set(impls.MODES)
@@ -116,8 +116,8 @@ def test_quick_json_records_environment_and_no_cpu_performance_figures(quick_run
 
 def test_quick_fusedad_rows_pass_and_are_timed(quick_run):
     _, _, results = quick_run
-    fused = [r for r in results["rows"] if r["impl"] == "fusedad"]
-    assert fused
+    fused = [r for r in results["rows"] if plan.is_fusedad(r["impl"])]
+    assert {r["suite"] for r in fused} == set(SUITES)
     for r in fused:
         assert r["status"] == "ok", r
         assert 0 <= r["rel_err"] <= r["tol"]
@@ -329,6 +329,12 @@ def _synthetic_cuda_results():
         runner.vs_eager(rows[-3:], "ms", "speedup", invert=True)
     rows.append(dict(rows[-1], impl="compile", status="ERROR: BackendCompilerFailed: x", ms=None, tflops=None,
                      gbps=None, speedup=None))
+    for act in ("gelu", "none"):
+        for impl, ms, graph in (("eager", 0.2, 0.15), ("fusedad:linear_bwd", 0.1, 0.08), ("floor", 0.08, 0.07)):
+            rows.append(dict(suite="backward", case="net3-l0 M256 K4096 N8192", M=256, K=4096, N=8192, dtype="bf16",
+                             activation=act, phase="bwd", impl=impl, status="ok", rel_err=1e-3, tol=2e-2, ms=ms,
+                             graph_status="ok", ms_graph=graph, launch_ms=ms - graph, kernels="linear_bwd",
+                             **({"note": "dZ given"} if impl == "floor" else {})))
     for impl, mb in (("eager", 300.0), ("fusedad", 250.0), ("planted-mismatch", None)):
         rows.append(dict(suite="memory", case="Net3 training step", dtype="bf16", activation="relu", phase="fwd+bwd",
                          impl=impl, status="ok" if mb else "FAIL", rel_err=1e-3 if mb else 0.1, tol=2e-2,
@@ -341,7 +347,8 @@ def test_cuda_report_and_plots_from_synthetic_rows(tmp_path):
 
     results = _synthetic_cuda_results()
     written = plots.write_plots(results, tmp_path)
-    assert set(written) == {"modes.png", "speedup-bf16.png", "roofline-bf16.png", "memory.png", "correctness.png"}
+    assert set(written) == {"modes.png", "speedup-bf16.png", "roofline-bf16.png", "memory.png", "backward-bf16.png",
+                            "correctness.png"}
     for name in written:
         assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
     text = report.console_report(results)
@@ -352,6 +359,10 @@ def test_cuda_report_and_plots_from_synthetic_rows(tmp_path):
     layer = [r for r in results["rows"] if r["suite"] == "layers" and r["impl"] == "fusedad"][0]
     assert layer["speedup"] == pytest.approx(0.05 / 0.04)
     assert "| 250 | 125 | 0.83 |" in md  # memory: peak MiB, step MiB, step × eager
+    # backward: the graph columns and the note are shown (they are set), in the layers table they are not
+    assert "| impl | status | rel err | ms | graph ms | launch ms | graph |" in md and "| dZ given |" in md
+    layers_md = md.split("## layers", 1)[1].split("## ", 1)[0]
+    assert "graph ms" not in layers_md and "note" not in layers_md
 
 
 def test_json_is_strict_and_records_field_meanings(tmp_path):
@@ -368,16 +379,20 @@ def test_json_is_strict_and_records_field_meanings(tmp_path):
 def test_cli_help_and_options_apply_to_every_suite_that_has_the_setting():
     text = cli.build_parser().format_help()
     for word in ("--quick", "--suite", "--dtype", "--activation", "--phase", "--impl", "--shape", "--rounds",
-                 "--rep-ms", "--out", "do_bench", "FAIL", *(f"  {s.name:8s} " for s in SUITES.values())):
+                 "--rep-ms", "--graph-max-m", "--out", "do_bench", "FAIL", *(f"  {s.name:8s} " for s in SUITES.values())):
         assert word in text
     assert "--plant-mismatch" not in text  # a test hook, hidden
     args = cli.build_parser().parse_args(["--quick", "--dtype", "fp16", "--impl", "fusedad", "--shape", "2x3x4"])
     p = cli.plan_from_args(args, "cpu")
-    assert p.suites == ("modes", "layers", "memory", "lm-head")
+    assert p.suites == ("modes", "layers", "memory", "backward", "lm-head")
     assert all(s["dtypes"] == (torch.float16,) for s in p.settings.values())
     assert p.impls == ("eager", "fusedad") and p.settings["layers"]["shapes"] == (plan.Shape(2, 3, 4),)
     assert p.settings["memory"]["net3"] == impls.TINY_NET3 and "shapes" not in p.settings["memory"]
     assert cli.plan_from_args(cli.build_parser().parse_args(["--suite", "memory"]), "cpu").suites == ("memory",)
+    graphs = cli.plan_from_args(cli.build_parser().parse_args(["--graph-max-m", "0"]), "cuda").settings
+    assert graphs["layers"]["graph_max_m"] == graphs["backward"]["graph_max_m"] == 0 and "graph_max_m" not in graphs[
+        "modes"]
+    assert plan.make_plan("cuda", False).settings["layers"]["graph_max_m"] == 0  # layers: no graphs unless asked
     with pytest.raises(ValueError, match="MxKxN"):
         plan.Shape.parse("2x3")
 
@@ -438,12 +453,11 @@ def test_a_suite_file_dropped_into_bench_suites_is_registered(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert re.search(r"suites:\n  modes .*\n  layers .*\n  memory .*\n  extra    a suite in its own file\n",
+    assert re.search(r"suites:\n  modes .*\n  layers .*\n  memory .*\n  backward .*\n  extra    a suite in its own "
+                     r"file\n",
                      proc.stdout.replace("\n           ", " ")), proc.stdout
 
 
-def test_gpu_check_script_parses():
-    subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_check.sh")], check=True)
 
 
 def test_overhead_script_runs():
@@ -453,3 +467,274 @@ def test_overhead_script_runs():
     result = overhead.measure("cpu", rounds=2, calls=3)
     assert set(result) == {"forward (no_grad)", "forward (recording)", "forward+backward"}
     assert all(a > 0 and b > 0 for a, b in result.values())
+
+
+# --- CUDA-graph timing, on the CPU with a fake capture ----------------------------------------------
+
+
+def _fake_capture(bake=False, write=True, raises=None):
+    """A stand-in for ``runner.capture_graph``: static outputs, and a replay that re-runs fn into them
+    (what a real graph does) — or, planted bugs, one that copies the values seen at capture time
+    (``bake``), writes nothing (``write=False``), or a capture that raises."""
+    def capture(fn, stream):
+        if raises:
+            raise RuntimeError(raises)
+        outs = tuple(t.clone() for t in fn())
+        baked = tuple(t.clone() for t in outs)
+
+        class Graph:
+            def replay(self):
+                if write:
+                    for o, n in zip(outs, baked if bake else fn()):
+                        o.copy_(n)
+        return Graph(), outs
+    return capture
+
+
+def _graph_case(builders, **kw):
+    meta = {"case": "fake", "M": 2, "K": 3, "N": 4, "dtype": "fp32", "activation": "none", "phase": "bwd"}
+    return runner.Case(meta, torch.float32, lambda: builders, graph=True, **kw)
+
+
+def _run_with_fake_graphs(monkeypatch, builders, capture):
+    """run_timed of a graph case on the CPU, with capture_graphs taking its CUDA path on a fake capture."""
+    real = runner.capture_graphs
+    monkeypatch.setattr(runner, "capture_graph", capture)
+    monkeypatch.setattr(runner, "_synchronize", lambda: None)
+    monkeypatch.setattr(runner, "capture_graphs", lambda fns, b, dtype, device, stream: real(fns, b, dtype, "cuda",
+                                                                                              stream))
+    return {r["impl"]: r for r in runner.run_timed(_graph_case(builders), _tiny_plan(rounds=2), None)}
+
+
+def _graph_builders():
+    """eager and two candidates computing 2·x from the same input x; refresh() draws a new x."""
+    x = torch.randn(8, 4)
+    builds = {name: (lambda: (lambda: (2 * x,))) for name in ("eager", "fusedad", "fusedad:other")}
+    return runner.Builders(builds, refresh=lambda: x.copy_(torch.randn_like(x)))
+
+
+def test_graph_replays_are_checked_then_timed_with_the_plain_calls(monkeypatch):
+    rows = _run_with_fake_graphs(monkeypatch, _graph_builders(), _fake_capture())
+    for name in ("eager", "fusedad", "fusedad:other"):
+        r = rows[name]
+        assert (r["status"], r["graph_status"], r["graph_rel_err"]) == ("ok", "ok", 0.0)
+        assert len(r["round_ms_graph"]) == 2 and r["ms_graph_min"] <= r["ms_graph"] <= r["ms_graph_max"]
+        assert r["launch_ms"] == pytest.approx(r["ms"] - r["ms_graph"])
+    assert cli.fusedad_failures(list(rows.values())) == []
+
+
+@pytest.mark.parametrize("bug, expected", [("bake", "FAIL"), ("no-write", "FAIL"), ("raises", "ERROR")])
+def test_a_wrong_graph_replay_is_fail_or_error_and_a_fusedad_failure(monkeypatch, bug, expected):
+    """A replay that returns values from capture time (the refresh exposes it), one that leaves its
+    outputs unwritten (NaN-filled first), and a capture that raises: the plain row stays ok (its time
+    is valid), the graph is not timed, and the run's exit status counts it as a fusedad failure."""
+    capture = _fake_capture(bake=bug == "bake", write=bug != "no-write", raises="capture failed" if bug == "raises"
+                            else None)
+    rows = _run_with_fake_graphs(monkeypatch, _graph_builders(), capture)
+    r = rows["fusedad"]
+    assert r["status"] == "ok" and "ms" in r
+    assert r["graph_status"].startswith(expected) and "ms_graph" not in r
+    assert runner.graph_failed(r) and r in cli.fusedad_failures(list(rows.values()))
+
+
+def test_without_cuda_graph_rows_say_skipped_and_the_columns_show_only_where_set():
+    rows = runner.run_timed(_graph_case(_graph_builders()), _tiny_plan(rounds=1), None)
+    assert {r["graph_status"] for r in rows} == {runner.GRAPH_NO_GPU} and not cli.fusedad_failures(rows)
+    cols = report.timed_columns(False)
+    assert "skipped (no GPU)" in report.text_table(rows, cols).splitlines()[2]
+    plain = runner.run_timed(_fake_case({"eager": lambda: (lambda: (torch.ones(2),))}), _tiny_plan(rounds=1), None)
+    assert "graph" not in report.text_table(plain, cols) and "graph" not in report.markdown_table(plain, cols)
+
+
+def test_a_reference_build_is_checked_on_its_part_of_eager_outputs():
+    ref = (torch.randn(3), torch.randn(3), torch.randn(3))
+    builders = {"eager": lambda: (lambda: ref),
+                "floor": runner.reference_build(lambda: (lambda: ref[:2]), lambda r: r[:2], "part only"),
+                "wrong": runner.reference_build(lambda: (lambda: (ref[1], ref[0])), lambda r: r[:2], "part only")}
+    rows = {r["impl"]: r for r in runner.run_timed(_fake_case(builders), _tiny_plan(rounds=1), None)}
+    assert (rows["floor"]["status"], rows["floor"]["note"]) == ("ok", "part only")
+    assert rows["wrong"]["status"] == "FAIL"
+
+
+# --- the backward suite ------------------------------------------------------------------------------
+
+
+def _backward_plan(**kw):
+    p = _tiny_plan(rounds=1, **kw)
+    p.settings = {"backward": dict(backward.preset("cpu", False), shapes=(plan.Shape(4, 16, 8),),
+                                   activations=("gelu_tanh",), graph_max_m=4)}
+    return p
+
+
+def test_backward_suite_runs_every_bwd_variant_of_the_table_eager_and_the_floor():
+    rows = {r["impl"]: r for r in runner.run_suite(SUITES["backward"], _backward_plan(plant_mismatch=True), None,
+                                                   progress=False)}
+    names = [v.name for v in backward.bwd_variants()]
+    assert {"linear_bwd", "linear_bwd_prologue"} <= set(names)
+    assert list(rows) == ["eager", *(plan.VARIANT_IMPL.format(n) for n in names), "floor", "planted-mismatch"]
+    for name in names:
+        r = rows[plan.VARIANT_IMPL.format(name)]
+        assert r["status"] == "ok" and r["variant"] == name and name in r["kernels"].split("+"), r
+        assert r["graph_status"] == runner.GRAPH_NO_GPU
+    assert rows["fusedad:linear_bwd"]["kernels"] == "linear_dz+linear_bwd"  # the dZ pass, then the GEMMs
+    assert rows["fusedad:linear_bwd_prologue"]["kernels"] == "linear_bwd_prologue"  # one launch
+    assert rows["floor"]["status"] == "ok" and rows["floor"]["note"] == backward.FLOOR_NOTE
+    assert rows["planted-mismatch"]["status"] == "FAIL" and "ms" not in rows["planted-mismatch"]
+
+
+def test_backward_suite_reports_a_variant_that_did_not_run_as_error(monkeypatch):
+    """variants.select falls back to the default when a forced variant's predicate does not apply: the
+    row must be an ERROR, not the default's time under the other name."""
+    from fusedad.kernels import variants
+
+    real = variants.select
+    monkeypatch.setattr(variants, "select", lambda direction, problem: real(direction, problem) if direction != "bwd"
+                        else variants.by_name("linear_bwd"))
+    rows = {r["impl"]: r for r in runner.run_suite(SUITES["backward"], _backward_plan(), None, progress=False)}
+    assert rows["fusedad:linear_bwd"]["status"] == "ok"
+    assert rows["fusedad:linear_bwd_prologue"]["status"].startswith("ERROR: RuntimeError: variants.use(")
+    assert "predicate does not apply" in rows["fusedad:linear_bwd_prologue"]["status"]
+
+
+def test_backward_preset_is_the_protocol_plan():
+    cuda = backward.preset("cuda", False)
+    assert [(s.M, s.K, s.N) for s in cuda["shapes"]] == [(256, 4096, 8192), (8192, 4096, 14336)]
+    assert cuda["activations"] == ("gelu", "gelu_tanh", "silu", "relu", "none")
+    assert cuda["dtypes"] == (torch.bfloat16,) and cuda["graph_max_m"] == 256
+    graphs = [c.graph for c in backward.cases(cuda, plan.make_plan("cuda", False))]
+    assert graphs == [True] * 5 + [False] * 5
+
+
+# --- bench/gpu_run.sh and its dry run ------------------------------------------------------------------
+
+GPU_RUN = REPO / "bench" / "gpu_run.sh"
+DRY_RUN_STEPS = {"setup": "PASS", "pytest": "skipped (no GPU)", "backward": "PASS", "train": "PASS",
+                 "memcheck": "skipped (no GPU)", "memcheck-alt-bwd": "skipped (no GPU)", "sanitize-cpu": "PASS",
+                 "overhead": "PASS"}
+
+
+def test_gpu_run_script_parses_and_has_help():
+    subprocess.run(["bash", "-n", str(GPU_RUN)], check=True)
+    text = subprocess.run(["bash", str(GPU_RUN), "--help"], capture_output=True, text=True, check=True).stdout
+    for word in ("--dry-run", "OUT=", "PYTEST_LIMIT", "BACKWARD_LIMIT", "TRAIN_LIMIT", "MEMCHECK_LIMIT",
+                 "OVERHEAD_LIMIT", "TOTAL_LIMIT", "FUSEDAD_AUTOTUNE"):
+        assert word in text
+    assert not (REPO / "bench" / "gpu_check.sh").exists()  # one script
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """``bash bench/gpu_run.sh --dry-run`` as a GPU session would run it (OUT=...), here on the CPU."""
+    if torch.cuda.is_available():
+        pytest.skip("the dry run's expectations are those of a machine without a GPU")
+    out = tmp_path_factory.mktemp("gpu-run")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDAD_POISON_OUTPUTS")}
+    status_before = _git("status", "--porcelain")
+    proc = subprocess.run(["bash", str(GPU_RUN), "--dry-run"], cwd=REPO, env=dict(env, OUT=str(out), PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=900)
+    assert (out / "summary.json").exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc.git_status = (status_before, _git("status", "--porcelain"))
+    return proc, out, _strict_json(out / "summary.json")
+
+
+def test_dry_run_passes_and_records_every_step(dry_run):
+    proc, _, summary = dry_run
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert {s["step"]: s["status"] for s in summary["steps"]} == DRY_RUN_STEPS
+    assert summary["dry_run"] is True and summary["failed"] == [] and summary["performance_figures"] is False
+
+
+def test_dry_run_writes_few_flat_files_the_device_tool_takes_back(dry_run):
+    _, out, _ = dry_run
+    entries = list(out.iterdir())
+    assert all(p.is_file() for p in entries) and len(entries) <= 8
+    assert {p.name for p in entries} == {"summary.md", "summary.json", "pytest.log", "steps.log", "memcheck.log",
+                                         "backward.json", "train.json"}
+    for p in entries:
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", p.name) and p.stat().st_size < 16 * 2**20
+
+
+def test_dry_run_prints_the_summary_table_last_and_shows_skips(dry_run):
+    proc, out, _ = dry_run
+    tail = proc.stdout.rstrip().splitlines()
+    assert tail[-1] == "result: every step PASS or skipped"
+    table = tail[tail.index(next(ln for ln in tail if ln.startswith("| step "))):-1]
+    assert [ln.split("|")[1].strip() for ln in table[2:] if ln.startswith("|")] == list(DRY_RUN_STEPS)
+    assert "| pytest           | skipped (no GPU) |" in proc.stdout  # visible, not silent
+    assert "**DRY RUN**" in proc.stdout and "not a performance figure" in proc.stdout
+    assert (out / "summary.md").read_text() in proc.stdout
+
+
+def test_dry_run_backward_and_train_step_results(dry_run):
+    _, out, summary = dry_run
+    rows = _strict_json(out / "backward.json")["rows"]
+    impls = ["eager", *(plan.VARIANT_IMPL.format(v.name) for v in backward.bwd_variants()), "floor"]
+    cases = {(r["case"], r["activation"]) for r in rows}
+    assert len(cases) == 2 * 5 and {a for _, a in cases} == set(backward.ACTS)
+    for case in cases:
+        sub = [r for r in rows if (r["case"], r["activation"]) == case]
+        assert [r["impl"] for r in sub] == impls and all(r["status"] == "ok" for r in sub)
+        small = sub[0]["M"] <= backward.CPU_SHAPES[0].M
+        assert all((r.get("graph_status") == runner.GRAPH_NO_GPU) == small for r in sub)
+    train = _strict_json(out / "train.json")
+    assert {r["phase"] for r in train["rows"]} == {"fwd+bwd"} and {r["impl"] for r in train["rows"]} == {
+        "eager", "fusedad"}
+    assert any(r.get("graph_status") == runner.GRAPH_NO_GPU for r in train["rows"])
+    tables = summary["tables"]
+    assert len(tables["backward"]) == 10 and len(tables["backward_graph"]) == 5 and len(tables["train"]) == 4
+    assert {line["compile"] for line in tables["train"]} == {"not run"}  # visible: compile is not run on CPU
+    assert set(tables["overhead"][0]) == {"phase", "nn.Linear µs", "fusedad µs", "added µs"}
+
+
+def test_dry_run_leaves_the_checkout_as_it_was(dry_run):
+    before, after = dry_run[0].git_status
+    if before is None:
+        pytest.skip("not a git checkout")
+    assert after == before
+
+
+def test_protocol_report_from_cuda_like_results(tmp_path):
+    """The summary of a GPU run (synthetic results): ratios, graph tables, failed steps, exit status."""
+    def row(case, act, impl, ms, graph=None, status="ok"):
+        r = dict(suite="backward", case=case, M=256, K=4096, N=8192, dtype="bf16", activation=act, phase="bwd",
+                 impl=impl, status=status, ms=ms)
+        if graph is not None:
+            r.update(graph_status="ok", ms_graph=graph, launch_ms=ms - graph)
+        return r
+
+    rows = [row("net3-l0 M256", "gelu", "eager", 0.20, 0.12), row("net3-l0 M256", "gelu", "fusedad:linear_bwd", 0.10, 0.08),
+            row("net3-l0 M256", "gelu", "floor", 0.08, 0.07),
+            row("llm-up M8192", "gelu", "eager", 3.3), row("llm-up M8192", "gelu", "fusedad:linear_bwd", 3.0),
+            row("llm-up M8192", "gelu", "floor", 2.8, status="ERROR: RuntimeError: x")]
+    env = {"performance_figures": True, "device_name": "NVIDIA H100 80GB HBM3"}
+    (tmp_path / "backward.json").write_text(json.dumps({"env": env, "rows": rows}))
+    steps = tmp_path / "steps.tsv"
+    steps.write_text("setup\tPASS\t3\t20\tsteps.log\t\npytest\tTIMEOUT (90 s)\t90\t90\tpytest.log\t\n"
+                     "backward\tPASS\t60\t80\tsteps.log\t\n")
+    (tmp_path / "pytest.log").write_text("==== pytest (limit 90 s)\n...\n= 120 passed in 89.0s (interrupted) =\n")
+    md, summary = protocol.build(tmp_path, protocol.read_steps(steps), "mode: GPU\n", False)
+    b = summary["tables"]["backward"]
+    assert b[0]["fusedad:linear_bwd × eager"] == "2.00" and b[0]["fusedad:linear_bwd ÷ floor"] == "1.25"
+    assert b[1]["floor"] == "ERROR" and b[1]["fusedad:linear_bwd ÷ floor"] == ""
+    g = summary["tables"]["backward_graph"]
+    assert len(g) == 1 and g[0]["fusedad:linear_bwd graph"] == "0.08" and g[0]["eager launch"] == "0.08"
+    assert summary["failed"] == ["pytest"] and md.rstrip().endswith("result: NOT OK: pytest")
+    detail = {s["step"]: s["detail"] for s in summary["steps"]}
+    assert detail["pytest"] == "120 passed in 89.0s (interrupted)" and "no train.json" not in md
+    assert detail["backward"] == "6 rows: 1 ERROR, 5 ok; graphs: 3 ok; fusedad not ok: 0"
+
+
+def test_notes_prediction_template_lists_every_figure_the_protocol_prints():
+    """bench/NOTES.md's template has a row for every (shape, activation) the protocol times and a column
+    for every implementation, so predictions can be written before a run."""
+    notes = (REPO / "bench" / "NOTES.md").read_text()
+    section = notes.split("## GPU protocol (bench/gpu_run.sh)", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("|")]
+    for shape in backward.preset("cuda", False)["shapes"]:
+        for act in backward.ACTS:
+            assert any(f"| {shape.label} | {act} |" in ln for ln in lines), (shape.label, act)
+    heads = " ".join(ln for ln in lines if ln.startswith("| shape"))
+    for impl in ("eager", *(plan.VARIANT_IMPL.format(v.name) for v in backward.bwd_variants()), "floor", "compile"):
+        assert impl in heads, impl
+    for step in ("pytest", "backward", "train", "memcheck", "memcheck-alt-bwd", "overhead"):
+        assert f"| {step} |" in section, step

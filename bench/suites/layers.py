@@ -48,7 +48,9 @@ def preset(device, quick):
     shapes = CUDA_SHAPES if cuda else CPU_SHAPES
     dtypes = ((bf16,) if quick else (bf16, fp16, fp32)) if cuda else ((fp32, bf16) if quick else (fp32, bf16, fp16))
     acts = (("gelu_tanh",) if cuda else ("none", "gelu_tanh")) if quick else ("none", "gelu_tanh", "relu")
-    return {"shapes": shapes[:1] if quick else shapes, "dtypes": dtypes, "activations": acts, "phases": tuple(PHASES)}
+    # graph_max_m: cases with M <= this also time a CUDA-graph replay (--graph-max-m; 0: none).
+    return {"shapes": shapes[:1] if quick else shapes, "dtypes": dtypes, "activations": acts, "phases": tuple(PHASES),
+            "graph_max_m": 0}
 
 
 def layer_flops(M, K, N, phase):
@@ -84,7 +86,8 @@ def cases(settings, plan):
                                                       settings["activations"], settings["phases"]):
         M, K, N = shape.M, shape.K, shape.N
         yield layer_case(shape, dtype, act, phase, plan, flops=layer_flops(M, K, N, phase),
-                         nbytes=layer_bytes(M, K, N, phase, dtype.itemsize, act))
+                         nbytes=layer_bytes(M, K, N, phase, dtype.itemsize, act),
+                         graph=M <= settings.get("graph_max_m", 0))
 
 
 def plot(rows, results, out_dir):
