@@ -19,18 +19,24 @@ import torch.nn.functional as F
 import fusedad
 
 
-def _per_call_us(fn, device, calls):
+#: wall: elapsed time (what a user waits for); thread: this thread's CPU time, which other processes'
+#: load disturbs far less (CPU only: a GPU's time is not this thread's) — for comparing two versions of
+#: fusedad on a shared machine.
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def _per_call_us(fn, device, calls, clock=time.perf_counter):
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(calls):
         fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    return 1e6 * (time.perf_counter() - start) / calls
+    return 1e6 * (clock() - start) / calls
 
 
-def measure(device, in_features=64, out_features=64, batch=8, rounds=30, calls=200):
+def measure(device, in_features=64, out_features=64, batch=8, rounds=30, calls=200, clock=time.perf_counter):
     """{phase: (nn.Linear µs, fusedad µs)} medians over interleaved rounds; a GELU layer."""
     ref = torch.nn.Linear(in_features, out_features, device=device)
     ours = fusedad.nn.Linear(in_features, out_features, device=device, activation="gelu")
@@ -56,8 +62,8 @@ def measure(device, in_features=64, out_features=64, batch=8, rounds=30, calls=2
         a(), b()  # warm-up (and, on CUDA, compile)
         ta, tb = [], []
         for _ in range(rounds):
-            ta.append(_per_call_us(a, device, calls))
-            tb.append(_per_call_us(b, device, calls))
+            ta.append(_per_call_us(a, device, calls, clock))
+            tb.append(_per_call_us(b, device, calls, clock))
         out[name] = (statistics.median(ta), statistics.median(tb))
     return out
 
@@ -69,16 +75,20 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=30, help="interleaved rounds (default 30)")
     p.add_argument("--calls", type=int, default=200, help="calls per round and implementation (default 200)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON (bench/gpu_run.sh reads it)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall time (default) or this thread's CPU time (CPU only; steadier on a shared machine)")
     args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.clock == "thread" and device == "cuda":
+        p.error("--clock thread measures CPU time only: use it with --device cpu")
     torch.set_num_threads(1)
     backend = fusedad.backend(torch.empty(0, device=device))
     head = (f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}), fusedad backend "
             f"{backend}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; Linear(64, 64) + GELU, batch 8, "
-            f"median µs per call over {args.rounds} rounds of {args.calls} calls")
+            f"median µs per call ({args.clock} clock) over {args.rounds} rounds of {args.calls} calls")
     print(head)
     print(f"{'phase':22s} {'nn.Linear':>10s} {'fusedad':>10s} {'added':>8s}")
-    result = measure(device, rounds=args.rounds, calls=args.calls)
+    result = measure(device, rounds=args.rounds, calls=args.calls, clock=CLOCKS[args.clock])
     for name, (a, b) in result.items():
         print(f"{name:22s} {a:10.1f} {b:10.1f} {b - a:+8.1f}")
     if args.json:

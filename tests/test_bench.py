@@ -588,8 +588,8 @@ def test_backward_suite_reports_a_variant_that_did_not_run_as_error(monkeypatch)
     from fusedad.kernels import variants
 
     real = variants.select
-    monkeypatch.setattr(variants, "select", lambda direction, problem: real(direction, problem) if direction != "bwd"
-                        else variants.by_name("linear_bwd"))
+    monkeypatch.setattr(variants, "select", lambda direction, problem, **kw: real(direction, problem, **kw)
+                        if direction != "bwd" else variants.by_name("linear_bwd"))
     rows = {r["impl"]: r for r in runner.run_suite(SUITES["backward"], _backward_plan(), None, progress=False)}
     assert rows["fusedad:linear_bwd"]["status"] == "ok"
     assert rows["fusedad:linear_bwd_prologue"]["status"].startswith("ERROR: RuntimeError: variants.use(")
