@@ -190,6 +190,7 @@ def cache_path():
 
 
 def _key_str(key):
+    key = key if isinstance(key, tuple) else (key,)
     return repr(tuple(str(k) if isinstance(k, torch.dtype) else k for k in key))
 
 

@@ -308,3 +308,8 @@ def test_tuning_space_is_bounded_applicable_and_heuristic_first(M, aligned):
     assert "linear_fwd" in names and "linear_fwd_splitk_reduce" not in names
     with variants.use("linear_fwd"):  # a forced variant: only its tiles
         assert {v.name for v, _ in variants.tuning_space("fwd", p)} == {"linear_fwd"}
+
+
+def test_disk_keys_are_readable():
+    assert configs._key_str(("H100", "fwd", torch.bfloat16)) == "('H100', 'fwd', 'torch.bfloat16')"
+    assert configs._key_str("a-key") == "('a-key',)"  # a plain string is one field, not its characters
