@@ -18,13 +18,13 @@ x (M, K), weight (N, K), bias (N,) and y, z (M, N):
       (B, S, K) input into rows gives: rows stay on their rank, no communication.
 
 The two Partial rows exist only without an activation: act(Σ partial sums) ≠ Σ act(partial sums). A
-fused activation on a layer whose contraction dimension is sharded is therefore applied by ``linear``
-below after the reduction (the op without activation, an all-reduce, then bias and activation as
+fused activation on a layer whose contraction dimension is sharded is therefore applied by
+``dtensor_linear`` after the reduction (the op without activation, an all-reduce, then bias and activation as
 ordinary DTensor ops). A bias with a Partial output is made Partial by DTensor itself (a replicated
 bias is divided evenly over the ranks, as DTensor does for ``aten.addmm``), so the sum adds it once.
 The backward's strategies (``linear_bwd``) are the transposes of these, so gradients come out on the
-placements of their inputs' shards (a replicated parameter's gradient as Partial, which DTensor
-reduces where it is used).
+placements of their inputs' shards (a replicated parameter's gradient as Partial, unreduced, as
+DTensor's own strategies give it for ``aten.mm``).
 
 Nothing here runs for plain tensors: ``route`` sends only tensor subclasses to ``subclass_linear``.
 """
@@ -58,6 +58,7 @@ def subclass_linear(x, weight, bias, act, weight_main_grad):
 
 
 def dtensor_linear(x, weight, bias, act, weight_main_grad):
+    """act(x·weightᵀ + bias) for DTensor arguments: the custom ops, dispatched by DTensor."""
     register_sharding_strategies()
     if weight_main_grad is not None:
         raise NotImplementedError(
@@ -76,8 +77,9 @@ def dtensor_linear(x, weight, bias, act, weight_main_grad):
 
 def _contraction_sharded(x, weight):
     """True if x's last dimension or weight's dimension 1 is sharded on some mesh dimension."""
-    for t, dim in ((x, x.dim() - 1), (weight, 1)):
-        if is_dtensor(t) and any(getattr(p, "dim", None) == dim for p in t.placements):
+    for t, dim in ((x, -1), (weight, 1)):
+        if is_dtensor(t) and any(isinstance(getattr(p, "dim", None), int) and p.dim % t.dim() == dim % t.dim()
+                                 for p in t.placements):
             return True
     return False
 

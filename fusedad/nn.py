@@ -81,18 +81,20 @@ def _managed_by_fully_shard(layer):
     """True if FSDP2's fully_shard manages this layer's parameters (applied to it or to a module above it).
 
     FSDP2 marks only the modules fully_shard is applied to, so this asks its states which module each
-    parameter belongs to (FSDP2 internals; tested with the torch version CI pins)."""
+    parameter belongs to. Those are FSDP2 internals: checked by tests/test_distributed.py with the torch
+    version CI pins; if a later torch renames them, this finds nothing rather than failing."""
     fsdp_state = sys.modules.get("torch.distributed.fsdp._fully_shard._fsdp_state")
-    if fsdp_state is None:
+    if fsdp_state is None:  # fully_shard was never imported
         return False
     from torch.distributed._composable_state import _module_state_mapping
 
     for ref in list(_module_state_mapping.values()):
         state = ref()
         if isinstance(state, fsdp_state.FSDPState):
-            for group in state._fsdp_param_groups:
-                if any(p._module_info.module is layer for p in group.fsdp_params):
-                    return True
+            for group in getattr(state, "_fsdp_param_groups", ()):
+                for param in getattr(group, "fsdp_params", ()):
+                    if getattr(getattr(param, "_module_info", None), "module", None) is layer:
+                        return True
     return False
 
 
