@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedad
-from conftest import randn
+from conftest import kernel_kinds, randn
 from fusedad.kernels import record_launches
 
 WORLD = 2
@@ -131,8 +131,12 @@ def _shapes(log, kernels, count):
 
 
 def _fwd(log):
-    """The forward launches: (kernel, [x's shape, weight's shape])."""
-    return _shapes(log, ("linear_fwd",), 2)
+    """The forward launches: ("linear_fwd", [x's shape, weight's shape]) whichever forward variant ran
+    (pointer, TMA or split-K decode; the split-K reduce launch, which takes no x or weight, left out)."""
+    kinds = kernel_kinds(log)
+    launches = [launch for launch in log if launch.kernel != "linear_fwd_splitk_reduce"]
+    return [(kind, [tuple(a.shape) for a in launch.args if isinstance(a, torch.Tensor)][:2])
+            for kind, launch in zip(kinds, launches) if kind == "linear_fwd"]
 
 
 def _bwd(log):
