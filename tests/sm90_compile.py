@@ -10,12 +10,62 @@ ptxas, specialised as the JIT and the launchers (``kernels/linear.py``) would sp
     "shared", "regs", "stack", "wgmma", "pipelined", "cubin", "error"} (regs/stack from cuobjdump
     -res-usage, None where Triton ships no cuobjdump; "gemm": False for the elementwise dZ pass, which
     has no K loop).
+``python tests/sm90_compile.py --loop-report``
+    the static cost of every variant's main loop (see "Loop report" below): a table, and last the line
+    ``loop report: N variants, M over budget`` (N rows, M of them over budget or not compiling).
+``python tests/sm90_compile.py --ci``
+    both in one process, sharing the compiled kernels: the check's JSON lines, then the loop report's
+    CI subset — every activation for the gated rows (below), gelu_tanh (the check's kernels) for the
+    others — as one JSON line per row ({"report": "loop", ...}), then its table. What
+    tests/test_sm90_compile.py runs.
 ``python tests/sm90_compile.py --sweep-candidates``
     registers, stack and shared memory of every bf16 config of every variant's config space.
+
+Loop report
+-----------
+For every row of the kernel-variant table × activation (None and ``fusedad.ACTIVATIONS``) × heuristic
+tile (the first config of the variant's space for M = 1, 100 and 4096, equal tiles merged) in bf16,
+plus one fp16 row: the SASS of the cubin (``cuobjdump -sass``, shipped with Triton). A loop is the
+address range from a backward branch's target up to that branch; the main loops are the innermost loops
+that hold tensor-core instructions (HGMMA for wgmma tiles, HMMA for mma.sync tiles). The backward kernel
+has two, numbered by address: its dX branch, then its dW branch (source order; in the prologue variant
+only the second holds the db row sum's SHFL/FADD). The elementwise dZ pass has none: "no K loop", no
+budget. Per loop: the instructions of its body counted by opcode (a static count, each instruction
+once: what one thread — one warp — issues per iteration when no branch inside skips code; the JSON's
+"inner_branches" counts such branches), the HGMMA/HMMA and MUFU counts, the budget and the verdict
+("ok" ≤ budget < "over"). A backward variant
+with ``dz_pass`` is lowered as it runs, with no activation and no db: its rows for every activation are
+one kernel ("kernel_act" in the JSON).
+
+The budget — issue slots against tensor-core time, per iteration:
+* an H100 SM's tensor cores do 2048 dense 16-bit FMA per clock: the dense bf16 peak of the H100 SXM,
+  989.4 TFLOP/s at the 1830 MHz clock it is quoted for, over 132 SMs, is 989.4e12 / (132 · 1.83e9) =
+  4096 FLOP = 2048 FMA per clock per SM (4 tensor cores × 512). (1024 per SM, 4 × 256, is A100's rate:
+  312 TFLOP/s / (108 · 1.41e9) = 2048 FLOP per clock; using it for H100 would double every budget.)
+* one CTA's iteration holds F FMA of MMA work, counted from the SASS: 64·N·16 per HGMMA.64xNx16 per
+  warpgroup (W/4 warpgroups), 16·8·16 per HMMA.16816 per warp (W warps) — F = BLOCK_M·BLOCK_N·BLOCK_K
+  per product (the forward-mode kernel has three: X·Wᵀ, Ẋ·Wᵀ, X·Ẇᵀ; "steps" in the JSON is F over one
+  tile product, a check of the count). The tensor cores need F / 2048 clocks for it;
+* its W warps share the SM's 4 schedulers, W/4 each, and a scheduler issues at most one instruction
+  per clock: I instructions per thread cost I·W/4 clocks of issue. The loop is issue-bound when
+  I·W/4 > F/2048, so the budget is I ≤ F / (512·W). For 128×128×64, 8 warps: 512 clocks, 256
+  instructions — the "≈ 512 cycles, ~256 instructions" the project used before, now derived.
+* occupancy: with C CTAs per SM (what registers and shared memory allow for the smaller tiles) both
+  sides scale by C, so the budget holds for any C, provided the warps spread evenly over the
+  schedulers (W is 4 or 8 here). It is a ceiling: "ok" says issue does not bind at tensor-core peak,
+  not that the loop reaches it (latency, one warpgroup per CTA, memory). mma.sync tiles are held to the
+  same peak (stricter than needed: HMMA does not reach wgmma's rate on H100).
+* gated (CI fails when over): default 16-bit variants at the heuristic tile of the M > 128 bucket.
+  The decode and M ≤ 128 buckets serve bandwidth-bound shapes (an M-row linear does fewer than M FLOP
+  per byte moved; an H100 needs 295 — 989 TFLOP/s over 3.35 TB/s — to be compute-bound), so an
+  iteration there costs memory time, not tensor-core time: "over" on those rows means issue-bound *if*
+  the shape were compute-bound. They are reported, not gated.
 """
+import collections
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -185,6 +235,192 @@ def main(names):
             print(json.dumps(check_row(name, variant, dtype, act, overrides, M)), flush=True)
 
 
+# ---------------------------------------------------------------------------------------------- loop report
+
+#: dense 16-bit tensor-core FMA per clock per H100 SM (989.4 TFLOP/s / (132 SMs · 1.83 GHz) / 2)
+FMA_PER_CLK_SM = 2048
+SCHEDULERS_PER_SM = 4
+REPORT_DTYPES = ("bf16",)
+#: the fp16 row(s): (variant, activation, M)
+FP16_ROWS = (("linear_fwd", "gelu_tanh", 4096),)
+
+# "/*1e90*/   @P5 BRA 0x1640 ;" — address, optional predicate, opcode with modifiers, operands
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][\w.]*)([^;]*);")
+_BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+_MMA = {"HGMMA", "HMMA", "DMMA"}
+
+
+def parse_sass(text):
+    """[(address, base opcode, full opcode, operands)] of the (single) kernel in cuobjdump -sass output."""
+    out = []
+    for line in text.splitlines():
+        m = _SASS_LINE.match(line)
+        if m:
+            op = m.group(3)
+            out.append((int(m.group(1), 16), op.split(".")[0], op, m.group(4).strip()))
+    return out
+
+
+def _mma_fma(op, warps):
+    """FMA of one CTA issuing this tensor-core instruction (every warp of the CTA issues it once)."""
+    base, _, mods = op.partition(".")
+    shape = mods.split(".")[0]
+    if base == "HGMMA":  # HGMMA.64x128x16.F32.BF16: one 64×N×16 product per warpgroup
+        m, n, k = (int(x) for x in shape.split("x"))
+        return m * n * k * (warps // 4)
+    # HMMA.16816 = m16 n8 k16, HMMA.1688 = m16 n8 k8, DMMA.884 = m8 n8 k4: one product per warp
+    dims = re.fullmatch(r"(16|8)(8)(\d+)", shape)
+    if not dims:
+        raise ValueError(f"unknown MMA shape in {op}")
+    m, n, k = (int(x) for x in dims.groups())
+    return m * n * k * warps
+
+
+def main_loops(instrs, warps):
+    """The innermost loops holding tensor-core instructions: [{start, end, instructions, inner_branches,
+    opcodes, mma, mma_op, mufu, fma}] by address."""
+    ends = {}
+    for addr, base, _op, operands in instrs:
+        if base == "BRA":
+            t = _BRANCH_TARGET.search(operands)
+            if t and int(t.group(1), 16) < addr:  # (a branch to itself is the end-of-kernel trap)
+                target = int(t.group(1), 16)
+                ends[target] = max(ends.get(target, 0), addr)
+    loops = []
+    for start, end in ends.items():
+        body = [i for i in instrs if start <= i[0] <= end]
+        mma = [i for i in body if i[1] in _MMA]
+        if mma:
+            loops.append(dict(start=start, end=end, body=body, mma=mma))
+    inner = [lp for lp in loops
+             if not any(o is not lp and lp["start"] <= o["start"] and o["end"] <= lp["end"] for o in loops)]
+    out = []
+    for lp in sorted(inner, key=lambda lp: lp["start"]):
+        ops = collections.Counter(i[1] for i in lp["body"])
+        out.append(dict(start=hex(lp["start"]), end=hex(lp["end"]), instructions=len(lp["body"]),
+                        # branches inside the body besides the loop's own (none so far: the static count
+                        # is then exactly what a warp issues per iteration)
+                        inner_branches=sum(i[1] == "BRA" for i in lp["body"][:-1]),
+                        opcodes=dict(ops.most_common()), mma=len(lp["mma"]),
+                        mma_op=sorted({i[2] for i in lp["mma"]}), mufu=ops.get("MUFU", 0),
+                        fma=sum(_mma_fma(i[2], warps) for i in lp["mma"])))
+    return out
+
+
+def budget(fma, warps):
+    """Instructions per thread per iteration that one iteration's tensor-core time can issue (module
+    docstring): fma / FMA_PER_CLK_SM clocks, W / 4 warps per scheduler."""
+    return fma / FMA_PER_CLK_SM / (warps / SCHEDULERS_PER_SM)
+
+
+def _gated(variant, dtype, buckets):
+    """Whether CI holds this row to the budget: a default 16-bit variant at the heuristic tile of the
+    compute-bound bucket (M > 128). Decode and small-batch shapes are bandwidth-bound (an M-row linear
+    does under M FLOP per byte, below the H100's 295 — 989 TFLOP/s over 3.35 TB/s), so tensor-core time
+    is not what their iterations cost: their rows are reported, not gated."""
+    return variant.default and dtype in ("bf16", "fp16") and "M>128" in buckets.split(",")
+
+
+def loop_rows(full=True):
+    """(variant, dtype, activation, buckets, tile) of the report: every variant × activation × heuristic
+    tile in REPORT_DTYPES, then FP16_ROWS. ``full=False`` (CI): every activation where the row is gated,
+    elsewhere only gelu_tanh, the activation the compile check lowers (its kernels are reused)."""
+    import fusedad
+
+    acts = (None, *fusedad.ACTIVATIONS)
+    out = [(v.name, dtype, act, buckets, cfg) for v in _variants() for dtype in REPORT_DTYPES
+           for buckets, _M, cfg in heuristic_tiles(v.name, dtype) for act in acts
+           if full or act == "gelu_tanh" or _gated(v, dtype, buckets)]
+    for name, act, M in FP16_ROWS:
+        bucket = next(b for b, m in BUCKETS.items() if m == M)
+        out.append((name, "fp16", act, bucket, heuristic_tile(name, M, "fp16")))
+    return out
+
+
+def loop_report_row(name, dtype, act, buckets, cfg):
+    """One report row (a dict): its main loops, each with instructions, opcodes, MMA, MUFU, budget and
+    verdict; the row's verdict ("ok", "over", "no K loop", "error", "no cuobjdump") and ``gated``."""
+    variant = _variant(name)
+    tile = cfg.BLOCK_M * cfg.BLOCK_N * cfg.BLOCK_K
+    row = dict(report="loop", variant=name, default=variant.default, gated=_gated(variant, dtype, buckets),
+               dtype=dtype, act=act or "none", kernel_act=_act_name(launch_flags(variant, dtype, act)["ACT"]),
+               buckets=buckets, tile=f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}", warps=cfg.num_warps,
+               stages=cfg.num_stages, loops=[], verdict=None, error=None)
+    try:
+        k = compile_variant(name, dtype, act, {}, cfg)
+        text = _cuobjdump(k.asm["cubin"], "-sass")
+        if text is None:
+            row.update(verdict="no cuobjdump")
+            return row
+        loops = main_loops(parse_sass(text), cfg.num_warps)
+    except Exception as e:  # noqa: BLE001 - reported in the row; the test fails on it
+        row.update(verdict="error", error=f"{type(e).__name__}: {e}")
+        return row
+    for lp in loops:
+        lp["budget"] = round(budget(lp["fma"], cfg.num_warps), 1)
+        lp["steps"] = lp["fma"] / tile  # tile products per iteration (1; 3 in the forward-mode kernel)
+        lp["verdict"] = "ok" if lp["instructions"] <= lp["budget"] else "over"
+    row["loops"] = loops
+    row["verdict"] = ("no K loop" if not loops else
+                      "over" if any(lp["verdict"] == "over" for lp in loops) else "ok")
+    return row
+
+
+def _act_name(kernel_id):
+    from fusedad.activations import lookup
+
+    return lookup(kernel_id).op_name
+
+
+def fails_ci(row):
+    """A gated row (default 16-bit variant, compute-bound bucket's heuristic tile) over budget, or any
+    row that did not compile."""
+    return row["verdict"] == "error" or (row["gated"] and row["verdict"] == "over")
+
+
+def print_table(report, title):
+    import triton
+
+    print(f"{title}: static main-loop report, sm_90, triton {triton.__version__}; budget = MMA FMA per "
+          f"iteration / {FMA_PER_CLK_SM} per clock / (warps / {SCHEDULERS_PER_SM}) instructions per thread")
+    head = (f"{'variant':<20} {'dtype':<5} {'act':<9} {'tile (BMxBNxBK w s)':<20} {'buckets':<22} {'loop':<4} "
+            f"{'instr':>5} {'MMA':>8} {'MUFU':>4} {'budget':>6} {'verdict':<9} {'CI':<4} top opcodes")
+    print(head)
+    print("-" * len(head))
+    for r in report:
+        left = (f"{r['variant']:<20} {r['dtype']:<5} {r['act']:<9} "
+                f"{r['tile'] + ' w' + str(r['warps']) + ' s' + str(r['stages']):<20} {r['buckets']:<22}")
+        gate = "gate" if r["gated"] else "-"
+        if not r["loops"]:
+            print(f"{left} {'-':<4} {'-':>5} {'-':>8} {'-':>4} {'-':>6} {r['verdict']:<9} {gate:<4} {r['error'] or ''}")
+        for i, lp in enumerate(r["loops"]):
+            label = f"{i + 1}/{len(r['loops'])}" if len(r["loops"]) > 1 else "K"
+            mma = f"{lp['mma']} {lp['mma_op'][0].split('.')[0]}"
+            top = ", ".join(f"{op} {n}" for op, n in list(lp["opcodes"].items())[:6])
+            print(f"{left} {label:<4} {lp['instructions']:>5} {mma:>8} {lp['mufu']:>4} {lp['budget']:>6g} "
+                  f"{lp['verdict']:<9} {gate:<4} {top}")
+    over = [r for r in report if r["verdict"] in ("over", "error")]
+    ungated = sum(r["default"] and not r["gated"] for r in over)
+    print(f"over budget: {len(over)} — non-default variants {sum(not r['default'] for r in over)}, "
+          f"default variants at bandwidth-bound tiles (not gated) {ungated}, "
+          f"gated (CI fails) {sum(fails_ci(r) for r in report)}")
+    bad = sorted({f"{r['variant']} {r['dtype']} {r['act']} {r['tile']}" for r in report if fails_ci(r)})
+    print(f"gated rows over budget: {', '.join(bad) or 'none'}")
+    print(f"loop report: {len(report)} variants, {len(over)} over budget", flush=True)
+
+
+def loop_report(full=True, as_json=False):
+    """Print the report (one JSON line per row first if ``as_json``); returns its rows."""
+    report = []
+    for args in loop_rows(full):
+        row = loop_report_row(*args)
+        report.append(row)
+        if as_json:
+            print(json.dumps(row), flush=True)
+    print_table(report, "full" if full else "CI subset (every activation where gated, else gelu_tanh)")
+    return report
+
+
 def sweep_candidates():
     """Every bf16 config of each variant's config space, for every variant of the variant table with
     gelu_tanh (the costliest epilogue/prologue): one JSON line each with shared memory, registers and
@@ -206,5 +442,10 @@ if __name__ == "__main__":
     os.environ.pop("TRITON_INTERPRET", None)  # before fusedad.kernels defines the kernels
     if sys.argv[1:] == ["--sweep-candidates"]:
         sweep_candidates()
+    elif sys.argv[1:] == ["--loop-report"]:
+        loop_report()
+    elif sys.argv[1:] == ["--ci"]:
+        main([])
+        loop_report(full=False, as_json=True)
     else:
         main(sys.argv[1:])
