@@ -192,7 +192,7 @@ def _lce_dx_kernel(
         if EMULATE_BF16:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
-        acc_dx = tl.dot(a, w, acc_dx, input_precision=PRECISION)
+        acc_dx = tl.dot(a, w, acc_dx, input_precision=PRECISION, out_dtype=acc_dx.dtype)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_ko[None, :] * stride_dxk,
              _cast(acc_dx, dx_ptr.dtype.element_ty, EMULATE_BF16), mask=mask_m[:, None] & mask_ko[None, :])
 
@@ -246,7 +246,7 @@ def _lce_dw_kernel(
             if EMULATE_BF16:
                 a = a.to(tl.float32)
                 x = x.to(tl.float32)
-            acc_dw = tl.dot(tl.trans(a), x, acc_dw, input_precision=PRECISION)
+            acc_dw = tl.dot(tl.trans(a), x, acc_dw, input_precision=PRECISION, out_dtype=acc_dw.dtype)
     _unused2, offs_n = _tile_offsets(pid_n, pid_n, 1, BLOCK_N, INT64)
     mask_n = offs_n < V
     if COMPUTE_DW:

@@ -148,18 +148,18 @@ def _gemm_tile(
                 # bf16→fp32 conversion is exact, so the fp32 product equals the bf16 tensor-core one.
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
             if HAS_AT:
                 at = tl.load(at_ptrs, mask=mask_a, other=0.0)
                 if EMULATE_BF16:
                     at = at.to(tl.float32)
-                acc_t = tl.dot(at, b, acc_t, input_precision=PRECISION)
+                acc_t = tl.dot(at, b, acc_t, input_precision=PRECISION, out_dtype=acc_t.dtype)
                 at_ptrs += BLOCK_K * stride_atk
             if HAS_BT:
                 bt = tl.load(bt_ptrs, mask=mask_b, other=0.0)
                 if EMULATE_BF16:
                     bt = bt.to(tl.float32)
-                acc_t = tl.dot(a, bt, acc_t, input_precision=PRECISION)
+                acc_t = tl.dot(a, bt, acc_t, input_precision=PRECISION, out_dtype=acc_t.dtype)
                 bt_ptrs += BLOCK_K * stride_btk
             b_ptrs += BLOCK_K * stride_bk
         a_ptrs += BLOCK_K * stride_ak
@@ -383,7 +383,7 @@ def _tma_tile(x_desc, w_desc, pid_m, pid_n, K,
         if EMULATE_BF16:  # the interpreter's bf16 dot is wrong; bf16→fp32 is exact (see _gemm_tile)
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b.T, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc
 
 

@@ -166,7 +166,7 @@ VARIANTS = (
     # Tensor descriptors: X as [BLOCK_M, BLOCK_K] and the (N, K) weight as [BLOCK_N, BLOCK_K] blocks
     # (used transposed), TMA stores in column halves. One program per tile, grouped order.
     Variant("linear_fwd_tma", "fwd", _linear_fwd_tma_kernel, _forward_grid, configs.tma_candidates, _tma_layout,
-            _FWD_UNIT_STRIDES, descriptors=True),
+            _FWD_UNIT_STRIDES, descriptors=True, default=False),
     # The same kernel on a persistent grid (one program per SM looping over tiles); and warp-specialised.
     # Not default: whether they beat one-program-per-tile is for a GPU (the tuner) to say.
     Variant("linear_fwd_tma_persistent", "fwd", _linear_fwd_tma_kernel, _persistent_grid, configs.tma_candidates,

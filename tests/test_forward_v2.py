@@ -116,11 +116,12 @@ def test_layouts_tma_cannot_address_take_the_pointer_kernel(device, how, variant
 
 
 def test_default_choice(device):
-    """Without ``use``: M ≤ 16 takes the split-K decode path (any layout), aligned operands the TMA
-    kernel on a plain grid, others the pointer kernel."""
+    """Without ``use``: M ≤ 16 takes the split-K decode path (any layout), everything else the pointer
+    kernel. (The TMA kernels are not a default: the sm_90 loop report puts the plain TMA kernel's epilogue
+    loop over its issue budget, and none has run on a GPU; the autotuner may still pick them by timing.)"""
     _needs_kernels(device)
     cases = [((16, 40), (24, 40), ["linear_fwd_splitk", "linear_fwd_splitk_reduce"]),
-             ((17, 40), (24, 40), ["linear_fwd_tma"]),
+             ((17, 40), (24, 40), ["linear_fwd"]),
              ((17, 36), (24, 36), ["linear_fwd"])]
     for xs, ws, expected in cases:
         x, w = randn(*xs, dtype=torch.bfloat16, device=device), randn(*ws, dtype=torch.bfloat16, device=device)
