@@ -480,11 +480,12 @@ def test_huge_strided_tangents_are_read_correctly(device):
 
 
 def offset_2_31_case(device):
-    """Run in a subprocess by the test below: x (2, 16) with row stride 2³¹ − 15, so its last element
-    sits at offset exactly 2³¹ (one past int32), forward and both gradients."""
+    """Run in a subprocess by the test below: x (3, 1) with row stride 2³⁰, so its last element sits at
+    offset exactly 2³¹ (one past int32) and the kernels' index product row·stride = 2·2³⁰ wraps in int32
+    (measured: a segfault); forward and both gradients (dW reads x as its B operand)."""
     f16 = torch.float16
-    x = _huge_view((2, 16), (2**31 - 15, 1), f16, device)
-    w, dy = randn(8, 16, dtype=f16, device=device), randn(2, 8, dtype=f16, device=device)
+    x = _huge_view((3, 1), (2**30, 1), f16, device)
+    w, dy = randn(8, 1, dtype=f16, device=device), randn(3, 8, dtype=f16, device=device)
     with record_launches() as log:
         y, _, _, _ = linear_forward(x, w)
         dx, dw, _ = linear_backward(dy, x, w, None, None, True, True, False)
@@ -497,7 +498,7 @@ def offset_2_31_case(device):
 def test_int64_from_a_largest_offset_of_exactly_2_31(device):
     """The threshold itself: an operand whose largest element offset is 2³¹ (int32's max + 1) needs int64,
     decided from meta tensors and checked end to end (in a subprocess) on a view that ends there."""
-    for shape, strides in (((2, 1), (2**31, 1)), ((2, 16), (2**31 - 15, 1)), ((16, 2), (1, 2**31 - 15))):
+    for shape, strides in (((3, 1), (2**30, 1)), ((2, 16), (2**31 - 15, 1)), ((16, 2), (1, 2**31 - 15))):
         assert needs_int64(torch.empty_strided(shape, strides, device="meta")), (shape, strides)
     assert not needs_int64(torch.empty_strided((2, 16), (2**31 - 64, 1), device="meta"))
     _needs_kernels(device)
