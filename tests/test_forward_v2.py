@@ -229,12 +229,12 @@ def test_tma_subtiled_epilogue_at_a_128_wide_tile(device, variant, monkeypatch):
 
 
 @pytest.mark.parametrize("bias", ["broadcast", "sliced"])
-@pytest.mark.parametrize("variant", TMA_VARIANTS + [None])
+@pytest.mark.parametrize("variant", TMA_VARIANTS)
 def test_tma_variants_read_the_bias_through_its_stride(device, variant, bias):
     """The descriptor kernels load the bias with its own stride, like the pointer kernel: a bias that
     F.linear broadcasts from () or (1,) (stride 0) and a sliced one (stride 2), beside aligned x and w, so
-    the TMA kernel runs (forced, or chosen by default; for the default also through fusedad.linear with a
-    0-d bias, as a user passes one)."""
+    the TMA kernel runs (forced; for the broadcast one also through fusedad.linear with a 0-d bias, as a
+    user passes one)."""
     _needs_kernels(device)
     M, N, K = _shape("linear_fwd_tma")
     x, w = (randn(*s, dtype=torch.bfloat16, device=device) for s in ((M, K), (N, K)))
@@ -242,16 +242,15 @@ def test_tma_variants_read_the_bias_through_its_stride(device, variant, bias):
         b = randn(1, dtype=torch.bfloat16, device=device).expand(N)
     else:
         b = randn(2 * N, dtype=torch.bfloat16, device=device)[::2]
-    forced = variants.use(variant) if variant else contextlib.nullcontext()
-    with forced, record_launches() as log:
+    with variants.use(variant), record_launches() as log:
         y, z, _, _ = linear_forward(x, w, b, "gelu", store_preact=True)
-    assert [launch.kernel for launch in log] == [variant or "linear_fwd_tma"]
+    assert [launch.kernel for launch in log] == [variant]
     _check(x, w, b, "gelu", y, z)
-    if variant is None and bias == "broadcast":
+    if bias == "broadcast":
         import fusedad
 
         b0 = b[:1].reshape(())
-        with record_launches() as log:
+        with variants.use(variant), record_launches() as log:
             y = fusedad.linear(x, w, b0, "gelu")
-        assert [launch.kernel for launch in log] == ["linear_fwd_tma"]
+        assert [launch.kernel for launch in log] == [variant]
         _check(x, w, b0.expand(N), "gelu", y, None)
