@@ -403,16 +403,27 @@ def _tma_store_subtiled(desc, off_m, off_n, value, EMULATE_BF16: tl.constexpr,
 
 
 @triton.jit
-def _linear_fwd_tma_body(
-    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, M, N, K, stride_xm, stride_wn, stride_b, stride_ym, stride_zm,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
-    FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+def _linear_fwd_tma_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_yn, stride_zm, stride_zn,
+    # A flag of the variant-table row, not of the call: passed positionally right after the arguments
+    # (``Variant.flags``), so it must stay the first constexpr.
     WARP_SPECIALIZE: tl.constexpr,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
+    FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Every program loops over tiles pid, pid + programs, … in grouped order: with one program per tile
+    """``_linear_fwd_kernel``'s contract on tensor descriptors (K-contiguous, 16-byte aligned operands;
+    unit last strides are assumed, the *_k / *_n strides are not read).
+
+    x: (M, K)  w: (N, K)  b: (N,)  y, z: (M, N)
+
+    Every program loops over tiles pid, pid + programs, … in grouped order: with one program per tile
     (the plain grid) it runs one tile; with one per SM (the persistent grid) the next tile's loads start
-    while this one's epilogue runs, and no CTA launch/teardown sits between tiles.
+    while this one's epilogue runs, and no CTA launch/teardown sits between tiles. WARP_SPECIALIZE:
+    the tile loop is warp-specialised (producer warps issue the copies, consumer warpgroups the
+    products and the epilogue; Triton does it with 4 warps, see ``configs.tma_ws_candidates``).
 
     Z = acc + b and Y = act(Z) as in ``_primal_epilogue`` (the same activation table); stored with TMA
     in two column halves (epilogue subtiling)."""
@@ -440,40 +451,6 @@ def _linear_fwd_tma_body(
         y = apply_activation(z, ACT)
         _tma_store_subtiled(y_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, y, EMULATE_BF16, BLOCK_M, BLOCK_N,
                             EPILOGUE_SPLIT)
-
-
-@triton.jit
-def _linear_fwd_tma_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
-    M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_yn, stride_zm, stride_zn,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
-    FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """``_linear_fwd_kernel``'s contract on tensor descriptors (K-contiguous, 16-byte aligned operands;
-    unit last strides are assumed, the *_k / *_n strides are not read). Plain or persistent grid."""
-    _linear_fwd_tma_body(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, M, N, K, stride_xm, stride_wn, stride_b, stride_ym,
-                         stride_zm, ACT=ACT, HAS_BIAS=HAS_BIAS, STORE_Z=STORE_Z, FP64=FP64, EMULATE_BF16=EMULATE_BF16,
-                         PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
-                         WARP_SPECIALIZE=False)
-
-
-@triton.jit
-def _linear_fwd_tma_ws_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
-    M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_yn, stride_zm, stride_zn,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
-    FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """``_linear_fwd_tma_kernel`` with the tile loop warp-specialised (producer warps issue the copies,
-    consumer warpgroups the products and the epilogue)."""
-    _linear_fwd_tma_body(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, M, N, K, stride_xm, stride_wn, stride_b, stride_ym,
-                         stride_zm, ACT=ACT, HAS_BIAS=HAS_BIAS, STORE_Z=STORE_Z, FP64=FP64, EMULATE_BF16=EMULATE_BF16,
-                         PRECISION=PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M,
-                         WARP_SPECIALIZE=True)
 
 
 @triton.jit

@@ -9,16 +9,18 @@ row for sm_90.
 import contextlib
 import dataclasses
 import functools
-from typing import Callable, Optional
+import inspect
+import types
+from typing import Callable, Mapping, Optional
 
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import configs
 from .gemm import (_dz_kernel, _linear_bwd_kernel, _linear_fwd_kernel, _linear_fwd_splitk_kernel,
-                   _linear_fwd_splitk_reduce_kernel, _linear_fwd_tangent_kernel, _linear_fwd_tma_kernel,
-                   _linear_fwd_tma_ws_kernel)
+                   _linear_fwd_splitk_reduce_kernel, _linear_fwd_tangent_kernel, _linear_fwd_tma_kernel)
 
 _INTERPRETER = isinstance(_linear_fwd_kernel, InterpretedFunction)
 #: Programs of a persistent grid under the interpreter (a GPU gets one per SM): small, but more than one,
@@ -148,6 +150,29 @@ class Variant:
     launch: Optional[Callable] = None
     #: builds tensor descriptors in the kernel (needs Triton's allocator; not used inside torch.compile)
     descriptors: bool = False
+    #: constexpr flags fixed by this row (e.g. ``WARP_SPECIALIZE``: two rows, one kernel). The launcher
+    #: passes the call's flags by name; these go positionally right after the call's arguments (so a
+    #: ``Launch`` record has them at the end of its ``args``), hence they must be the kernel's first
+    #: constexpr parameters, in this order (checked here). A row with flags has no ``launch`` of its own.
+    flags: Mapping = dataclasses.field(default_factory=dict, hash=False)
+
+    def __post_init__(self):
+        if not self.flags:
+            return
+        params = inspect.signature(self.kernel.fn).parameters.values()
+        first = [p.name for p in params if p.annotation is tl.constexpr][:len(self.flags)]
+        if first != list(self.flags):
+            raise ValueError(f"variant {self.name}: its flags {list(self.flags)} must be the first constexpr "
+                             f"parameters of {self.kernel.fn.__name__} (they are {first})")
+        if self.launch is not None:
+            raise ValueError(f"variant {self.name}: a row with flags launches through _fixed_flags_launch")
+        object.__setattr__(self, "flags", types.MappingProxyType(dict(self.flags)))
+        object.__setattr__(self, "launch", functools.partial(_fixed_flags_launch, self))
+
+
+def _fixed_flags_launch(variant, p, cfg, args, launch_one):
+    """One launch of ``variant.kernel`` on its grid with the row's own flags after the call's arguments."""
+    launch_one(variant, variant.grid(p, cfg), (*args, *variant.flags.values()))
 
 
 _BWD_UNIT_STRIDES = frozenset({"stride_dyn", "stride_xk", "stride_wk", "stride_sn", "stride_dxk", "stride_dwk",
@@ -166,13 +191,13 @@ VARIANTS = (
     # Tensor descriptors: X as [BLOCK_M, BLOCK_K] and the (N, K) weight as [BLOCK_N, BLOCK_K] blocks
     # (used transposed), TMA stores in column halves. One program per tile, grouped order.
     Variant("linear_fwd_tma", "fwd", _linear_fwd_tma_kernel, _forward_grid, configs.tma_candidates, _tma_layout,
-            _FWD_UNIT_STRIDES, descriptors=True, default=False),
+            _FWD_UNIT_STRIDES, descriptors=True, default=False, flags={"WARP_SPECIALIZE": False}),
     # The same kernel on a persistent grid (one program per SM looping over tiles); and warp-specialised.
     # Not default: whether they beat one-program-per-tile is for a GPU (the tuner) to say.
     Variant("linear_fwd_tma_persistent", "fwd", _linear_fwd_tma_kernel, _persistent_grid, configs.tma_candidates,
-            _tma_layout, _FWD_UNIT_STRIDES, default=False, descriptors=True),
-    Variant("linear_fwd_tma_ws", "fwd", _linear_fwd_tma_ws_kernel, _persistent_grid, configs.tma_ws_candidates,
-            _tma_layout, _FWD_UNIT_STRIDES, default=False, descriptors=True),
+            _tma_layout, _FWD_UNIT_STRIDES, default=False, descriptors=True, flags={"WARP_SPECIALIZE": False}),
+    Variant("linear_fwd_tma_ws", "fwd", _linear_fwd_tma_kernel, _persistent_grid, configs.tma_ws_candidates,
+            _tma_layout, _FWD_UNIT_STRIDES, default=False, descriptors=True, flags={"WARP_SPECIALIZE": True}),
     # v1: pointer loads over any strides (the weight read through swapped strides); the fallback.
     Variant("linear_fwd", "fwd", _linear_fwd_kernel, _forward_grid, configs.candidates, _any_layout,
             _FWD_UNIT_STRIDES),

@@ -7,7 +7,7 @@ ptxas, specialised as the JIT and the launchers (``kernels/linear.py``) would sp
 
 ``python tests/sm90_compile.py [ROW ...]``
     the compile check: one JSON line per row of ``rows()`` — {"variant", "ok", "gemm", "block_m",
-    "shared", "regs", "stack", "wgmma", "pipelined", "cubin", "error"} (regs/stack from cuobjdump
+    "shared", "regs", "stack", "wgmma", "pipelined", "setmaxnreg", "cubin", "error"} (regs/stack from cuobjdump
     -res-usage, None where Triton ships no cuobjdump; "gemm": False for the elementwise dZ pass, which
     has no K loop).
 ``python tests/sm90_compile.py --loop-report``
@@ -132,7 +132,8 @@ def rows():
 
 def launch_flags(variant, dtype, act, overrides=None):
     """The constexpr flags ``kernels/linear.py`` passes to this variant's kernel for a call with every
-    optional operand present (bias, Z, all tangents, all gradients), then ``overrides``. A ``dz_pass``
+    optional operand present (bias, Z, all tangents, all gradients) and the row's own ``Variant.flags``,
+    then ``overrides``. A ``dz_pass``
     backward runs its GEMMs after the dZ pass: no activation, no db."""
     from fusedad.activations import lookup
 
@@ -145,6 +146,7 @@ def launch_flags(variant, dtype, act, overrides=None):
         "bwd": dict(COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True, ACCUMULATE_DW=False),
         "dz": dict(WRITE_DZ=a.saves is not None, COMPUTE_DB=True),
     }[variant.direction])
+    flags.update(variant.flags)  # the row's own flags (WARP_SPECIALIZE), passed by the row's launch
     flags.update({k: v for k, v in (overrides or {}).items() if not k.endswith("_ptr")})
     if variant.dz_pass:
         flags.update(ACT=lookup(None).kernel_id, COMPUTE_DB=False)
@@ -223,10 +225,11 @@ def check_row(name, variant, dtype, act, overrides, M):
         return dict(variant=name, ok=True, gemm=gemm, block_m=cfg.BLOCK_M, shared=k.metadata.shared, regs=regs,
                     stack=stack, wgmma="wgmma.mma_async" in ptx,
                     pipelined="async_copy_global_to_local" in k.asm["ttgir"] or "async_tma" in k.asm["ttgir"],
-                    cubin=len(k.asm.get("cubin", b"")) > 0, error=None)
+                    # warp specialisation with register reallocation between the partitions
+                    setmaxnreg="setmaxnreg" in ptx, cubin=len(k.asm.get("cubin", b"")) > 0, error=None)
     except Exception as e:  # noqa: BLE001 - reported to the test, which fails with the message
         return dict(variant=name, ok=False, gemm=gemm, block_m=cfg.BLOCK_M, shared=None, regs=None, stack=None,
-                    pipelined=False, wgmma=False, cubin=False, error=f"{type(e).__name__}: {e}")
+                    pipelined=False, wgmma=False, setmaxnreg=False, cubin=False, error=f"{type(e).__name__}: {e}")
 
 
 def main(names):

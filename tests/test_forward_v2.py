@@ -115,6 +115,35 @@ def test_layouts_tma_cannot_address_take_the_pointer_kernel(device, how, variant
         _check(x2, w2, b, "silu", y, z)
 
 
+@pytest.mark.parametrize("variant", TMA_VARIANTS)
+def test_tma_rows_share_one_kernel_and_pass_their_warp_specialize_flag(device, variant):
+    """The three TMA rows launch one kernel; the row's WARP_SPECIALIZE (on for linear_fwd_tma_ws only)
+    travels positionally after the call's arguments (``Variant.flags``), so it ends the recorded args.
+    (Whether the flag specialises the compiled kernel is for tests/test_sm90_compile.py: setmaxnreg.)"""
+    _needs_kernels(device)
+    row = variants.by_name(variant)
+    assert row.kernel is variants.by_name("linear_fwd_tma").kernel
+    M, N, K = _shape(variant)
+    x, w, b = (randn(*s, dtype=torch.bfloat16, device=device) for s in ((M, K), (N, K), (N,)))
+    with variants.use(variant), record_launches() as log:
+        y, z, _, _ = linear_forward(x, w, b, "relu", store_preact=True)
+    (launch,) = log
+    assert launch.kernel == variant and launch.args[-1] is (variant == "linear_fwd_tma_ws")
+    assert all(a is t for a, t in zip(launch.args, (x, w, b, y, z)))
+    _check(x, w, b, "relu", y, z)
+
+
+def test_a_row_flag_must_be_the_kernels_first_constexpr(device):
+    """``Variant.flags`` are passed positionally: a row naming a flag that is not its kernel's first
+    constexpr parameter is refused when the table is built."""
+    row = variants.by_name("linear_fwd_tma")
+    import dataclasses
+    with pytest.raises(ValueError, match="first constexpr"):
+        dataclasses.replace(row, flags={"ACT": 0}, launch=None)
+    with pytest.raises(ValueError, match="first constexpr"):
+        dataclasses.replace(variants.by_name("linear_fwd"), flags={"WARP_SPECIALIZE": True}, launch=None)
+
+
 def test_default_choice(device):
     """Without ``use``: M ≤ 16 takes the split-K decode path (any layout), everything else the pointer
     kernel. (The TMA kernels are not a default: the sm_90 loop report puts the plain TMA kernel's epilogue

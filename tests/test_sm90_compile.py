@@ -47,6 +47,10 @@ def test_variant_compiles_for_hopper(compiled, variant):
     if "fp64" not in variant and row["block_m"] >= 64:
         # wgmma needs a 64-row warpgroup tile; narrower (decode) tiles and fp64 use mma.sync / FMA.
         assert row["wgmma"], "16/32-bit tiles of ≥ 64 rows should use Hopper's wgmma"
+    # The warp-specialised row (its WARP_SPECIALIZE flag comes from the variant table, not the call) splits
+    # into partitions that trade registers (setmaxnreg) at wgmma tiles; no other row is warp-specialised.
+    # (Triton does not specialise the 16-row mma.sync tile.)
+    assert row["setmaxnreg"] == (variant.startswith("linear_fwd_tma_ws ") and row["block_m"] >= 64), row
 
 
 def test_loop_report_default_variants_within_budget(compiled):
