@@ -121,7 +121,8 @@ def tma_candidates(M, N, K, dtype):
 def tma_ws_candidates(M, N, K, dtype):
     """The warp-specialised TMA forward: Triton specialises the tile loop only with 4 warps (one consumer
     warpgroup; it then raises the consumers to 256 registers with setmaxnreg). 64×256 fails to lower
-    (Triton 3.9: a layout mismatch in the warp-specialisation pass at the subtiled epilogue)."""
+    (Triton 3.9: no wgmma layout for its B operand in the warp-specialised loop; before the kernel stored
+    whole tiles when warp-specialised, a layout mismatch at the subtiled epilogue)."""
     if M <= 16:
         return [TileConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)]
     cfgs = [TileConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),

@@ -426,10 +426,13 @@ def _linear_fwd_tma_kernel(
     products and the epilogue; Triton does it with 4 warps, see ``configs.tma_ws_candidates``).
 
     Z = acc + b and Y = act(Z) as in ``_primal_epilogue`` (the same activation table); stored with TMA
-    in two column halves (epilogue subtiling)."""
+    in two column halves (epilogue subtiling) unless warp-specialised."""
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
-    EPILOGUE_SPLIT: tl.constexpr = 2 if BLOCK_N >= 128 else 1
+    # Two column halves from 128 wide, except when warp-specialised: Triton 3.6's warp-specialisation pass
+    # cannot partition the split (tt.reshape/trans/split: "unsupported op type" at 128×128), so that
+    # kernel would not compile on 3.6; whole-tile stores cost it 16 KiB more shared memory.
+    EPILOGUE_SPLIT: tl.constexpr = 2 if BLOCK_N >= 128 and not WARP_SPECIALIZE else 1
     y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[stride_ym, 1],
                                        block_shape=[BLOCK_M, BLOCK_N // EPILOGUE_SPLIT])
     if STORE_Z:

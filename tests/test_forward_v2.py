@@ -241,8 +241,9 @@ def test_descriptor_allocator_is_set_per_context_and_a_users_is_kept(device):
 
 @pytest.mark.parametrize("variant", TMA_VARIANTS)
 def test_tma_subtiled_epilogue_at_a_128_wide_tile(device, variant, monkeypatch):
-    """Tiles ≥ 128 columns wide store Y and Z in two TMA column halves; the interpreter's own tiles are at
-    most 64 wide, so this test runs a 128-wide one (the last N tile partly out of bounds)."""
+    """Tiles ≥ 128 columns wide store Y and Z in two TMA column halves (whole tiles when warp-specialised);
+    the interpreter's own tiles are at most 64 wide, so this test runs a 128-wide one (the last N tile
+    partly out of bounds)."""
     _needs_kernels(device)
     if device != "cpu":
         pytest.skip("the interpreter's tile is replaced here; on CUDA the tuned tiles include 128-wide ones")
