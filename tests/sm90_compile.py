@@ -37,6 +37,20 @@ once: what one thread — one warp — issues per iteration when no branch insid
 with ``dz_pass`` is lowered as it runs, with no activation and no db: its rows for every activation are
 one kernel ("kernel_act" in the JSON).
 
+Two kinds of SASS are not loops and are left out: the end-of-kernel trap (a branch to itself) and the
+out-of-line retry of an mbarrier wait in the TMA kernels (``TRYWAIT P; @!P BRA stub`` in the loop; the
+stub after EXIT spins and branches back to the instruction after the jump). Counted as a loop, such a
+detour would span from inside the K loop to the end of the kernel and overlap it. The jump to it stays
+in the K loop's body (``inner_branches``; not taken when the data has arrived).
+
+Warp-specialised kernels (``linear_fwd_tma_ws``; Triton 3.9 at ≥ 64-row tiles): the TTGIR's
+``ttg.warp_specialize`` regions say each partition's warps and whether it multiplies (a consumer) or only
+loads (the producer). Triton splits the 128-row tile between two 4-warp consumer warpgroups, so there are
+two MMA loops, each with half the tile's product ("steps" ½) and budgeted with its own warps; the
+producer's load loop (UTMALDG, no MMA) is reported beside them. The CTA line adds them up: one CTA
+iteration issues Σ instructions × warps / 4 clocks on the schedulers (every partition shares them)
+against Σ FMA / 2048 clocks of MMA; the row is over if that sum is.
+
 The budget — issue slots against tensor-core time, per iteration:
 * an H100 SM's tensor cores do 2048 dense 16-bit FMA per clock: the dense bf16 peak of the H100 SXM,
   989.4 TFLOP/s at the 1830 MHz clock it is quoted for, over 132 SMs, is 989.4e12 / (132 · 1.83e9) =
@@ -55,7 +69,8 @@ The budget — issue slots against tensor-core time, per iteration:
   schedulers (W is 4 or 8 here). It is a ceiling: "ok" says issue does not bind at tensor-core peak,
   not that the loop reaches it (latency, one warpgroup per CTA, memory). mma.sync tiles are held to the
   same peak (stricter than needed: HMMA does not reach wgmma's rate on H100).
-* gated (CI fails when over): default 16-bit variants at the heuristic tile of the M > 128 bucket.
+* gated (CI fails when over): default 16-bit variants, and the descriptor (TMA) forwards that the
+  tuner times beside them, at the heuristic tile of the M > 128 bucket.
   The decode and M ≤ 128 buckets serve bandwidth-bound shapes (an M-row linear does fewer than M FLOP
   per byte moved; an H100 needs 295 — 989 TFLOP/s over 3.35 TB/s — to be compute-bound), so an
   iteration there costs memory time, not tensor-core time: "over" on those rows means issue-bound *if*
@@ -254,13 +269,14 @@ _MMA = {"HGMMA", "HMMA", "DMMA"}
 
 
 def parse_sass(text):
-    """[(address, base opcode, full opcode, operands)] of the (single) kernel in cuobjdump -sass output."""
+    """[(address, base opcode, full opcode, operands, predicate)] of the (single) kernel in cuobjdump -sass
+    output; predicate is "" for an unconditional instruction, else e.g. "@!P2"."""
     out = []
     for line in text.splitlines():
         m = _SASS_LINE.match(line)
         if m:
             op = m.group(3)
-            out.append((int(m.group(1), 16), op.split(".")[0], op, m.group(4).strip()))
+            out.append((int(m.group(1), 16), op.split(".")[0], op, m.group(4).strip(), (m.group(2) or "").strip()))
     return out
 
 
@@ -279,34 +295,104 @@ def _mma_fma(op, warps):
     return m * n * k * warps
 
 
+def _branches(instrs):
+    """[(address, target, predicated)] of every branch with an address operand."""
+    out = []
+    for addr, base, _op, operands, pred in instrs:
+        t = _BRANCH_TARGET.search(operands) if base == "BRA" else None
+        if t:
+            out.append((addr, int(t.group(1), 16), bool(pred)))
+    return out
+
+
+def _is_detour(instrs, branches, addr, target):
+    """Whether the unconditional backward branch at ``addr`` to ``target`` closes an out-of-line detour
+    rather than a loop. ptxas moves the retry of a failed mbarrier wait out of line, after the kernel's
+    EXIT: ``TRYWAIT P, [bar]; @!P BRA stub`` in the loop, and at the stub ``TRYWAIT; @!P BRA stub; BRA
+    <the instruction after the first BRA>``. Such a block cannot be reached by falling through (it follows an
+    EXIT or an unconditional branch) and is entered only by branches from before ``target``: it runs
+    when a wait fails and resumes where it left; taken as a loop it would span from inside the K loop to
+    the end of the kernel (the TMA kernels' "overlapping loops" before this was recognised)."""
+    addrs = [i[0] for i in instrs]
+    n = addrs.index(addr) - 1
+    while n >= 0 and not (instrs[n][1] in ("EXIT", "BRA") and not instrs[n][4]):
+        n -= 1
+    if n < 0 or addrs[n + 1] <= target:
+        return False
+    start = addrs[n + 1]
+    entries = [a for a, t, _p in branches if start <= t <= addr and not start <= a <= addr]
+    return bool(entries) and all(a < target for a in entries)
+
+
+def _loops(instrs):
+    """[(start, end)] of the loops: from a backward branch's target up to the last branch back to it
+    (a branch to itself is the end-of-kernel trap; out-of-line detours are not loops)."""
+    branches = _branches(instrs)
+    ends = {}
+    for addr, target, pred in branches:
+        if target < addr and (pred or not _is_detour(instrs, branches, addr, target)):
+            ends[target] = max(ends.get(target, 0), addr)
+    return list(ends.items())
+
+
+def _innermost(loops):
+    return [lp for lp in loops
+            if not any(o is not lp and lp["start"] <= o["start"] and o["end"] <= lp["end"] for o in loops)]
+
+
+def _loop_fields(lp, warps):
+    body = lp["body"]
+    ops = collections.Counter(i[1] for i in body)
+    return dict(start=hex(lp["start"]), end=hex(lp["end"]), instructions=len(body),
+                # branches inside the body besides the loop's own: the forward jumps to the out-of-line
+                # retry of an mbarrier wait (TMA kernels), taken only when a wait fails; otherwise none. The
+                # static count is then what a warp issues per iteration.
+                inner_branches=sum(i[1] == "BRA" for i in body[:-1]),
+                opcodes=dict(ops.most_common()), mma=len(lp["mma"]), mma_op=sorted({i[2] for i in lp["mma"]}),
+                mufu=ops.get("MUFU", 0), fma=sum(_mma_fma(i[2], warps) for i in lp["mma"]), warps=warps)
+
+
 def main_loops(instrs, warps):
     """The innermost loops holding tensor-core instructions: [{start, end, instructions, inner_branches,
-    opcodes, mma, mma_op, mufu, fma}] by address."""
-    ends = {}
-    for addr, base, _op, operands in instrs:
-        if base == "BRA":
-            t = _BRANCH_TARGET.search(operands)
-            if t and int(t.group(1), 16) < addr:  # (a branch to itself is the end-of-kernel trap)
-                target = int(t.group(1), 16)
-                ends[target] = max(ends.get(target, 0), addr)
+    opcodes, mma, mma_op, mufu, fma, warps}] by address. ``warps``: the warps that run each loop (the
+    CTA's, or a warp-specialised kernel's consumer partition's)."""
     loops = []
-    for start, end in ends.items():
+    for start, end in _loops(instrs):
         body = [i for i in instrs if start <= i[0] <= end]
         mma = [i for i in body if i[1] in _MMA]
         if mma:
             loops.append(dict(start=start, end=end, body=body, mma=mma))
-    inner = [lp for lp in loops
-             if not any(o is not lp and lp["start"] <= o["start"] and o["end"] <= lp["end"] for o in loops)]
-    out = []
-    for lp in sorted(inner, key=lambda lp: lp["start"]):
-        ops = collections.Counter(i[1] for i in lp["body"])
-        out.append(dict(start=hex(lp["start"]), end=hex(lp["end"]), instructions=len(lp["body"]),
-                        # branches inside the body besides the loop's own (none so far: the static count
-                        # is then exactly what a warp issues per iteration)
-                        inner_branches=sum(i[1] == "BRA" for i in lp["body"][:-1]),
-                        opcodes=dict(ops.most_common()), mma=len(lp["mma"]),
-                        mma_op=sorted({i[2] for i in lp["mma"]}), mufu=ops.get("MUFU", 0),
-                        fma=sum(_mma_fma(i[2], warps) for i in lp["mma"])))
+    return [_loop_fields(lp, warps) for lp in sorted(_innermost(loops), key=lambda lp: lp["start"])]
+
+
+def producer_loops(instrs, warps):
+    """A warp-specialised kernel's load loops: the innermost loops that issue TMA loads (UTMALDG) and
+    hold no tensor-core instruction — the producer partition's K loop. Same fields as ``main_loops``."""
+    loops = []
+    for start, end in _loops(instrs):
+        body = [i for i in instrs if start <= i[0] <= end]
+        loops.append(dict(start=start, end=end, body=body, mma=[i for i in body if i[1] in _MMA]))
+    inner = [lp for lp in _innermost(loops) if not lp["mma"] and any(i[1] == "UTMALDG" for i in lp["body"])]
+    return [_loop_fields(lp, warps) for lp in sorted(inner, key=lambda lp: lp["start"])]
+
+
+def partitions(ttgir, num_warps):
+    """None for a kernel without warp specialisation; else {"consumer": warps of each partition that
+    holds the products, "producer": warps of each that only loads} from the TTGIR's
+    ``ttg.warp_specialize`` regions (the default region has the kernel's num_warps, a partitionN region
+    its own ``num_warps(N)``)."""
+    if "ttg.warp_specialize" not in ttgir:
+        return None
+    body = ttgir.split("ttg.warp_specialize", 1)[1]
+    regions = re.split(r"\n\s*(?=default \{|partition\d+\()", body)[1:]
+    out = {"consumer": [], "producer": []}
+    for region in regions:
+        m = re.search(r"\)\s*num_warps\((\d+)\)", region.split("\n", 1)[0])
+        w = int(m.group(1)) if m else num_warps
+        if "warp_group_dot" in region or "tt.dot" in region or "ttng.mma" in region:
+            out["consumer"].append(w)
+        elif "async_tma_copy_global_to_local" in region:
+            out["producer"].append(w)
     return out
 
 
@@ -317,15 +403,18 @@ def budget(fma, warps):
 
 
 def _gated(variant, dtype, buckets):
-    """Whether CI holds this row to the budget: a default 16-bit variant at the heuristic tile of the
-    compute-bound bucket (M > 128). Decode and small-batch shapes are bandwidth-bound (an M-row linear
-    does under M FLOP per byte, below the H100's 295 — 989 TFLOP/s over 3.35 TB/s), so tensor-core time
-    is not what their iterations cost: their rows are reported, not gated."""
+    """Whether CI holds this row to the budget: a default 16-bit variant — or a descriptor (TMA)
+    forward, which the tuner times beside the default at every compute-bound shape it applies to — at
+    the heuristic tile of the compute-bound bucket (M > 128). Decode and small-batch shapes are
+    bandwidth-bound (an M-row linear does under M FLOP per byte, below the H100's 295 — 989 TFLOP/s over
+    3.35 TB/s), so tensor-core time is not what their iterations cost: their rows are reported, not
+    gated. (The prologue backward, also tunable, is kept to be measured against: over by design.)"""
     from fusedad.kernels import variants
 
     # A variant whose predicate admits only decode shapes (split-K) never runs a compute-bound M.
     decode_only = variant.applies is variants._decode_shape
-    return variant.default and not decode_only and dtype in ("bf16", "fp16") and "M>128" in buckets.split(",")
+    return ((variant.default or variant.descriptors) and not decode_only and dtype in ("bf16", "fp16")
+            and "M>128" in buckets.split(","))
 
 
 def loop_rows(full=True):
@@ -359,17 +448,37 @@ def loop_report_row(name, dtype, act, buckets, cfg):
         if text is None:
             row.update(verdict="no cuobjdump")
             return row
-        loops = main_loops(parse_sass(text), cfg.num_warps)
+        instrs = parse_sass(text)
+        ws = partitions(k.asm["ttgir"], cfg.num_warps)
+        if ws is None:
+            loops, producers = main_loops(instrs, cfg.num_warps), []
+        else:
+            # Each partition's warps issue its own loop: the consumers' MMA loops, the producer's loads.
+            if len(set(ws["consumer"])) != 1 or len(set(ws["producer"])) > 1:
+                raise ValueError(f"warp-specialised partitions {ws}: loops of partitions with different warp "
+                                 "counts cannot be told apart in the SASS")
+            loops = main_loops(instrs, ws["consumer"][0])
+            producers = producer_loops(instrs, ws["producer"][0]) if ws["producer"] else []
     except Exception as e:  # noqa: BLE001 - reported in the row; the test fails on it
         row.update(verdict="error", error=f"{type(e).__name__}: {e}")
         return row
     for lp in loops:
-        lp["budget"] = round(budget(lp["fma"], cfg.num_warps), 1)
-        lp["steps"] = lp["fma"] / tile  # tile products per iteration (1; 3 in the forward-mode kernel)
+        lp["budget"] = round(budget(lp["fma"], lp["warps"]), 1)
+        lp["steps"] = lp["fma"] / tile  # tile products per iteration (1; 3 in forward mode; ½ per consumer of 2)
         lp["verdict"] = "ok" if lp["instructions"] <= lp["budget"] else "over"
     row["loops"] = loops
     row["verdict"] = ("no K loop" if not loops else
                       "over" if any(lp["verdict"] == "over" for lp in loops) else "ok")
+    if ws is not None:
+        # The partitions share the SM's schedulers and tensor cores: one CTA iteration issues every
+        # partition's loop once (each consumer its share of the tile, the producer the loads).
+        issue = sum(lp["instructions"] * lp["warps"] / SCHEDULERS_PER_SM for lp in loops + producers)
+        tensor = sum(lp["fma"] for lp in loops) / FMA_PER_CLK_SM
+        row["partitions"] = ws
+        row["producer_loops"] = producers
+        row["cta"] = dict(issue_clocks=issue, tensor_clocks=tensor, verdict="ok" if issue <= tensor else "over")
+        if loops and row["cta"]["verdict"] == "over":
+            row["verdict"] = "over"
     return row
 
 
@@ -406,6 +515,15 @@ def print_table(report, title):
             top = ", ".join(f"{op} {n}" for op, n in list(lp["opcodes"].items())[:6])
             print(f"{left} {label:<4} {lp['instructions']:>5} {mma:>8} {lp['mufu']:>4} {lp['budget']:>6g} "
                   f"{lp['verdict']:<9} {gate:<4} {top}")
+        if r.get("cta"):  # warp-specialised: the producer's load loop, and the whole CTA's issue vs MMA time
+            for lp in r["producer_loops"]:
+                top = ", ".join(f"{op} {n}" for op, n in list(lp["opcodes"].items())[:6])
+                print(f"{left} {'load':<4} {lp['instructions']:>5} {'-':>8} {lp['mufu']:>4} {'-':>6} {'-':<9} "
+                      f"{gate:<4} {top} (producer, {lp['warps']} warps)")
+            c = r["cta"]
+            print(f"{left} {'CTA':<4} {'-':>5} {'-':>8} {'-':>4} {'-':>6} {c['verdict']:<9} {gate:<4} issue "
+                  f"{c['issue_clocks']:g} clocks per iteration (every partition's loop) vs MMA {c['tensor_clocks']:g}; "
+                  f"partitions {r['partitions']}")
     over = [r for r in report if r["verdict"] in ("over", "error")]
     ungated = sum(r["default"] and not r["gated"] for r in over)
     print(f"over budget: {len(over)} — non-default variants {sum(not r['default'] for r in over)}, "
