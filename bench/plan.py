@@ -18,11 +18,16 @@ IMPLS = {"eager": "the eager PyTorch model, always run: the reference", "fusedad
          "compile": "torch.compile of the eager model", "cublaslt": "torch._addmm_activation, cuBLASLt's fused "
          "epilogue: CUDA, forward with bias + relu/gelu_tanh",
          "floor": "the GEMM floor of a backward: dX = dZ·W and dW = dZᵀ·X by two torch.mm (cuBLAS on CUDA) on a "
-         "given dZ (backward suite; a reference row, checked on dX and dW only)"}
+         "given dZ (backward suite; a reference row, checked on dX and dW only)",
+         "F.linear": "the bare torch.nn.functional.linear with bias, no activation (forward suite; a reference "
+         "row, checked against F.linear in fp64)",
+         "copy": "a device copy of the weight's bytes, torch.empty_like(w).copy_(w) (forward suite, decode cases: "
+         "the bandwidth reference)"}
 IMPL_LABELS = {"eager": "eager", "fusedad": "fusedad", "compile": "torch.compile",
-               "cublaslt": "cuBLASLt epilogue", "planted-mismatch": "planted-mismatch", "floor": "GEMM floor"}
+               "cublaslt": "cuBLASLt epilogue", "planted-mismatch": "planted-mismatch", "floor": "GEMM floor",
+               "F.linear": "F.linear", "copy": "weight copy"}
 
-#: Row impl of a fusedad kernel variant run through ``variants.use(name)`` (the backward suite).
+#: Row impl of a fusedad kernel variant run through ``variants.use(name)`` (the backward and forward suites).
 VARIANT_IMPL = "fusedad:{}"
 
 

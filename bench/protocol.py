@@ -2,8 +2,8 @@
 
     python -m bench.protocol report --out OUT --steps STEPS.tsv [--env ENV.txt] [--overhead JSON] [--dry-run]
 
-Reads what the protocol's steps wrote into OUT (backward.json, train.json, pytest.log, steps.log,
-memcheck.log) and the step records (STEPS.tsv: name, status, seconds, limit, log file, note; one line per
+Reads what the protocol's steps wrote into OUT (backward.json, forward.json, train.json, pytest.log,
+steps.log, memcheck.log) and the step records (STEPS.tsv: name, status, seconds, limit, log file, note; one line per
 step, written by the script), writes OUT/summary.md and OUT/summary.json, and prints summary.md: the
 figure tables first and the step table last. Standard library only (no torch): it runs, and the table
 appears, even where a step broke the Python environment. Exit status: 1 if a step is neither PASS nor
@@ -20,7 +20,9 @@ CPU_NOTE = "cpu-interpreter (not a performance figure)"
 GRAPH_LIMIT_NOTE = "CUDA-graph replay"
 TRAIN_IMPLS = ("eager", "fusedad", "compile")
 #: The result files of the steps that run the benchmark (python -m bench ... --out, results.json copied here).
-RESULT_FILES = {"backward": "backward.json", "train": "train.json"}
+RESULT_FILES = {"backward": "backward.json", "forward": "forward.json", "train": "train.json"}
+#: The forward table's references: bare F.linear, and eager F.linear + activation.
+FORWARD_BASES = ("F.linear", "eager")
 
 
 def read_steps(path):
@@ -94,6 +96,39 @@ def pivot(rows, impls, perf, ratio_base=("eager",), floor=None):
                     line[f"{i} ÷ {floor}"] = fmt_ratio(ms.get(i), ms.get(floor))
         table.append(line)
     return table
+
+
+def not_applicable(table, rows):
+    """In a pivot of forward rows: "n/a" (not "not run", nor a blank ratio) in the columns of a fusedad
+    variant whose predicate does not hold for the case (the rows' ``variants`` field lists the ones that do)."""
+    applies = {(r["case"], r["activation"]): r["variants"].split("+") for r in rows if "variants" in r}
+    for line in table:
+        ran = applies.get((line["shape"], line["act"]))
+        for key, value in line.items():
+            name = key.split(" ")[0][len("fusedad:"):] if key.startswith("fusedad:") else None
+            if name and ran is not None and name not in ran and value in ("not run", ""):
+                line[key] = "n/a"
+    return table
+
+
+def copy_pivot(rows, impls):
+    """Decode cases (those with a ``copy`` row): the copy's GB/s and every other implementation's GB/s as
+    % of it (``pct_copy``; blank where it is not a performance figure)."""
+    keys = list(dict.fromkeys((r["case"], r["activation"]) for r in rows if r["impl"] == "copy"))
+    by = {(r["case"], r["activation"], r["impl"]): r for r in rows}
+    table = []
+    for case, act in keys:
+        copy = by[(case, act, "copy")]
+        line = {"shape": case, "act": act,
+                "copy GB/s": _bad(copy["status"]) or ("" if copy.get("gbps") is None else f"{copy['gbps']:.0f}")}
+        for impl in impls:
+            if impl == "copy":
+                continue
+            r = by.get((case, act, impl))
+            line[f"{impl} % copy"] = ("not run" if r is None else _bad(r["status"])
+                                      or ("" if r.get("pct_copy") is None else f"{r['pct_copy']:.0f}"))
+        table.append(line)
+    return not_applicable(table, rows)
 
 
 def graph_pivot(rows, impls):
@@ -215,14 +250,14 @@ def env_lines(env_text, results):
 
 def build(out, steps, env_text, dry_run, overhead_path=None):
     """(summary markdown, summary dict)."""
-    backward, train = load_results(out, "backward"), load_results(out, "train")
-    perf = any(r and r.get("env", {}).get("performance_figures") for r in (backward, train))
+    backward, forward, train = (load_results(out, name) for name in ("backward", "forward", "train"))
+    perf = any(r and r.get("env", {}).get("performance_figures") for r in (backward, forward, train))
     tables = {}
     md = ["# GPU protocol (bench/gpu_run.sh) — summary", ""]
     if dry_run:
         md += ["**DRY RUN**: the same plan on the CPU through Triton's interpreter at tiny shapes; CUDA-only steps "
                "are skipped (no GPU). Times are not performance figures.", ""]
-    md += [f"- {line}" for line in env_lines(env_text, backward or train)] + [""]
+    md += [f"- {line}" for line in env_lines(env_text, backward or forward or train)] + [""]
     unit = "ms per call" if perf else f"ms* per call, {CPU_NOTE}"
     if backward:
         rows = [r for r in backward["rows"] if r["suite"] == "backward"]
@@ -236,6 +271,21 @@ def build(out, steps, env_text, dry_run, overhead_path=None):
         if tables["backward_graph"]:
             md += [f"### backward, {GRAPH_LIMIT_NOTE} (graph ms; launch = plain ms − graph ms)", "",
                    markdown(tables["backward_graph"]), ""]
+    if forward:
+        rows = [r for r in forward["rows"] if r["suite"] == "forward"]
+        impls = impl_order(rows, FORWARD_BASES)
+        # (the copy's ms is no comparison: its GB/s heads the decode table)
+        tables["forward"] = not_applicable(pivot(rows, [i for i in impls if i != "copy"], perf,
+                                                 ratio_base=FORWARD_BASES), rows)
+        tables["forward_decode"] = copy_pivot(rows, impls)
+        md += [f"## forward (no_grad, {', '.join(sorted({r['dtype'] for r in rows}))}): {unit}", "",
+               "Every applicable forward kernel variant (`fusedad:<variant>`, forced with variants.use; n/a: its "
+               "predicate does not hold), checked against eager (F.linear + activation) before timing; `F.linear` "
+               "is the bare GEMM with bias. Ratios: `× F.linear` / `× eager` = their ms / the variant's ms (above "
+               "1: fusedad is faster).", "", markdown(tables["forward"]), ""]
+        if tables["forward_decode"]:
+            md += ["### forward, decode: GB/s as % of a device copy of the weight (timed in the same rounds)", "",
+                   markdown(tables["forward_decode"]), ""]
     if train:
         rows = [r for r in train["rows"] if r["suite"] == "layers"]
         impls = impl_order(rows, TRAIN_IMPLS)
@@ -265,7 +315,7 @@ def build(out, steps, env_text, dry_run, overhead_path=None):
            markdown(step_table), "",
            "result: " + (f"NOT OK: {', '.join(failed)}" if failed else "every step PASS or skipped")]
     summary = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "dry_run": dry_run,
-               "performance_figures": perf, "env": env_lines(env_text, backward or train),
+               "performance_figures": perf, "env": env_lines(env_text, backward or forward or train),
                "steps": steps, "failed": failed, "tables": tables}
     return "\n".join(md) + "\n", summary
 

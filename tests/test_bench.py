@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # bench/ is not installed (not shipped in the wheel): import it from the checkout
 
 from bench import checks, cli, impls, plan, protocol, report, runner  # noqa: E402
-from bench.suites import SUITES, Suite, backward, layers, memory, modes, register  # noqa: E402
+from bench.suites import SUITES, Suite, backward, forward, layers, memory, modes, register  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -90,7 +90,8 @@ def test_quick_run_covers_every_suite_and_labels_cpu_timings(quick_run):
         assert f"-- {suite.title}" in proc.stdout
     assert plan.CPU_TIMING_NOTE in proc.stdout
     assert plan.CPU_LABEL in proc.stdout
-    assert {r["suite"] for r in results["rows"]} == set(SUITES) == {"modes", "layers", "memory", "backward", "lm-head"}
+    assert {r["suite"] for r in results["rows"]} == set(SUITES) == {"modes", "layers", "memory", "backward", "forward",
+                                                                     "lm-head"}
     # Every phase of the layers suite and every grad mode of Net3 ran.
     assert {r["phase"] for r in results["rows"] if r["suite"] == "layers"} == set(impls.PHASES)
     assert {r["mode"] for r in results["rows"] if r["suite"] == "modes"} == set(impls.MODES)
@@ -384,7 +385,7 @@ def test_cli_help_and_options_apply_to_every_suite_that_has_the_setting():
     assert "--plant-mismatch" not in text  # a test hook, hidden
     args = cli.build_parser().parse_args(["--quick", "--dtype", "fp16", "--impl", "fusedad", "--shape", "2x3x4"])
     p = cli.plan_from_args(args, "cpu")
-    assert p.suites == ("modes", "layers", "memory", "backward", "lm-head")
+    assert p.suites == ("modes", "layers", "memory", "backward", "forward", "lm-head")
     assert all(s["dtypes"] == (torch.float16,) for s in p.settings.values())
     assert p.impls == ("eager", "fusedad") and p.settings["layers"]["shapes"] == (plan.Shape(2, 3, 4),)
     assert p.settings["memory"]["net3"] == impls.TINY_NET3 and "shapes" not in p.settings["memory"]
@@ -596,6 +597,75 @@ def test_backward_suite_reports_a_variant_that_did_not_run_as_error(monkeypatch)
     assert "predicate does not apply" in rows["fusedad:linear_bwd_prologue"]["status"]
 
 
+def _forward_plan(shapes, acts=("gelu_tanh",), **kw):
+    p = _tiny_plan(rounds=1, **kw)
+    p.settings = {"forward": dict(forward.preset("cpu", False), shapes=shapes, activations=acts)}
+    return p
+
+
+def test_forward_suite_runs_every_applicable_fwd_variant_f_linear_eager_and_the_copy():
+    """A decode case runs every forward variant of the table (split-K included: its own launch pair), a
+    larger one every variant but split-K; F.linear and, at decode, the weight copy beside them."""
+    shapes = (plan.Shape(1, 32, 16), plan.Shape(24, 32, 16))
+    rows = runner.run_suite(SUITES["forward"], _forward_plan(shapes, plant_mismatch=True), None, progress=False)
+    names = [v.name for v in forward.fwd_variants()]
+    assert {"linear_fwd", "linear_fwd_tma", "linear_fwd_tma_persistent", "linear_fwd_tma_ws",
+            "linear_fwd_splitk"} == set(names)
+    for M in (1, 24):
+        sub = {r["impl"]: r for r in rows if r["M"] == M}
+        ran = [n for n in names if M == 1 or n != "linear_fwd_splitk"]
+        assert sub["eager"]["variants"] == "+".join(ran)
+        assert list(sub) == ["eager", *(plan.VARIANT_IMPL.format(n) for n in ran), "F.linear",
+                             *(["copy"] if M == 1 else []), "planted-mismatch"]
+        for n in ran:
+            r = sub[plan.VARIANT_IMPL.format(n)]
+            assert r["status"] == "ok" and r["variant"] == n and r["phase"] == "fwd", r
+            assert r["kernels"] == ("linear_fwd_splitk+linear_fwd_splitk_reduce" if n == "linear_fwd_splitk" else n)
+        assert sub["F.linear"]["status"] == "ok" and sub["F.linear"]["note"] == forward.LINEAR_NOTE
+        assert sub["planted-mismatch"]["status"] == "FAIL" and "ms" not in sub["planted-mismatch"]
+    copy = next(r for r in rows if r["impl"] == "copy")
+    assert copy["status"] == "ok" and copy["note"] == forward.COPY_NOTE
+    assert all("pct_copy" not in r for r in rows)  # a CPU run: no bandwidth figure
+
+
+def test_forward_suite_reports_a_variant_that_did_not_run_as_error(monkeypatch):
+    from fusedad.kernels import variants
+
+    real = variants.select
+    monkeypatch.setattr(variants, "select", lambda direction, problem, **kw: real(direction, problem, **kw)
+                        if direction != "fwd" else variants.by_name("linear_fwd"))
+    rows = {r["impl"]: r for r in runner.run_suite(SUITES["forward"], _forward_plan((plan.Shape(24, 32, 16),)),
+                                                   None, progress=False)}
+    assert rows["fusedad:linear_fwd"]["status"] == "ok"
+    assert rows["fusedad:linear_fwd_tma"]["status"].startswith("ERROR: RuntimeError: variants.use(")
+
+
+def test_forward_copy_fraction_is_each_rows_bandwidth_over_the_copys():
+    rows = [dict(impl="copy", status="ok", ms=0.1, gbps=1.0, tflops=1.0),
+            dict(impl="F.linear", status="ok", ms=0.08, gbps=1.0),
+            dict(impl="fusedad:linear_fwd_splitk", status="ok", ms=0.1, gbps=0.75 * 2000.0),
+            dict(impl="fusedad:linear_fwd", status="FAIL")]
+    weight_bytes = 1e8
+    forward.with_copy_fraction(rows, weight_bytes)
+    assert rows[0]["gbps"] == pytest.approx(2 * weight_bytes / 0.1 / 1e6) and rows[0]["tflops"] is None
+    assert rows[0]["pct_copy"] == pytest.approx(100.0)
+    assert rows[2]["pct_copy"] == pytest.approx(75.0)
+    assert "pct_copy" not in rows[3]
+
+
+def test_forward_preset_is_the_protocol_plan():
+    cuda = forward.preset("cuda", False)
+    assert [(s.M, s.K, s.N) for s in cuda["shapes"]] == [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096),
+                                                         (256, 4096, 8192), (1, 8192, 8192), (16, 8192, 8192)]
+    assert cuda["activations"] == ("gelu_tanh", "none") and cuda["dtypes"] == (torch.bfloat16,)
+    cases = list(forward.cases(cuda, plan.make_plan("cuda", False)))
+    assert len(cases) == 12 and not any(c.graph for c in cases)
+    # every TMA variant applies to the protocol's (aligned, bf16) shapes; split-K to the decode ones only
+    for c in cases:
+        tma = {"linear_fwd", "linear_fwd_tma", "linear_fwd_tma_persistent", "linear_fwd_tma_ws"}
+        assert set(c.meta["variants"].split("+")) == tma | ({"linear_fwd_splitk"} if c.meta["M"] <= 16 else set())
+
+
 def test_backward_preset_is_the_protocol_plan():
     cuda = backward.preset("cuda", False)
     assert [(s.M, s.K, s.N) for s in cuda["shapes"]] == [(256, 4096, 8192), (8192, 4096, 14336)]
@@ -608,7 +678,8 @@ def test_backward_preset_is_the_protocol_plan():
 # --- bench/gpu_run.sh and its dry run ------------------------------------------------------------------
 
 GPU_RUN = REPO / "bench" / "gpu_run.sh"
-DRY_RUN_STEPS = {"setup": "PASS", "pytest": "skipped (no GPU)", "backward": "PASS", "train": "PASS",
+DRY_RUN_STEPS = {"setup": "PASS", "pytest": "skipped (no GPU)", "backward": "PASS", "forward": "PASS",
+                 "train": "PASS",
                  "memcheck": "skipped (no GPU)", "memcheck-alt-bwd": "skipped (no GPU)", "sanitize-cpu": "PASS",
                  "overhead": "PASS"}
 
@@ -616,7 +687,7 @@ DRY_RUN_STEPS = {"setup": "PASS", "pytest": "skipped (no GPU)", "backward": "PAS
 def test_gpu_run_script_parses_and_has_help():
     subprocess.run(["bash", "-n", str(GPU_RUN)], check=True)
     text = subprocess.run(["bash", str(GPU_RUN), "--help"], capture_output=True, text=True, check=True).stdout
-    for word in ("--dry-run", "OUT=", "PYTEST_LIMIT", "BACKWARD_LIMIT", "TRAIN_LIMIT", "MEMCHECK_LIMIT",
+    for word in ("--dry-run", "OUT=", "PYTEST_LIMIT", "BACKWARD_LIMIT", "FORWARD_LIMIT", "TRAIN_LIMIT", "MEMCHECK_LIMIT",
                  "OVERHEAD_LIMIT", "TOTAL_LIMIT", "FUSEDAD_AUTOTUNE"):
         assert word in text
     assert not (REPO / "bench" / "gpu_check.sh").exists()  # one script
@@ -649,7 +720,7 @@ def test_dry_run_writes_few_flat_files_the_device_tool_takes_back(dry_run):
     entries = list(out.iterdir())
     assert all(p.is_file() for p in entries) and len(entries) <= 8
     assert {p.name for p in entries} == {"summary.md", "summary.json", "pytest.log", "steps.log", "memcheck.log",
-                                         "backward.json", "train.json"}
+                                         "backward.json", "forward.json", "train.json"}
     for p in entries:
         assert re.fullmatch(r"[A-Za-z0-9._-]+", p.name) and p.stat().st_size < 16 * 2**20
 
@@ -686,6 +757,29 @@ def test_dry_run_backward_and_train_step_results(dry_run):
     assert set(tables["overhead"][0]) == {"phase", "nn.Linear µs", "fusedad µs", "added µs"}
 
 
+def test_dry_run_forward_step_results(dry_run):
+    """The forward step: every CPU stand-in shape × (gelu_tanh, none), every applicable variant ok beside
+    eager and F.linear (and the copy at decode); its figures reach summary.md/json: the ms table with
+    both ratios' columns (n/a where a variant does not apply) and the decode table's % of copy."""
+    proc, out, summary = dry_run
+    rows = _strict_json(out / "forward.json")["rows"]
+    cases = list(dict.fromkeys((r["case"], r["activation"]) for r in rows))
+    assert len(cases) == len(forward.CPU_SHAPES) * 2 and {a for _, a in cases} == set(forward.ACTS)
+    assert all(r["status"] == "ok" for r in rows)
+    decode = {r["case"] for r in rows if r["impl"] == "copy"}
+    assert decode == {s.label for s in forward.CPU_SHAPES if s.M <= 16}
+    assert {r["impl"] for r in rows} == {"eager", "F.linear", "copy",
+                                         *(plan.VARIANT_IMPL.format(v.name) for v in forward.fwd_variants())}
+    table, dec = summary["tables"]["forward"], summary["tables"]["forward_decode"]
+    assert [(t["shape"], t["act"]) for t in table] == cases and len(dec) == 2 * len(decode)
+    for line in table:
+        assert line["eager"] and line["F.linear"] and "copy" not in line
+        splitk = line["fusedad:linear_fwd_splitk"]
+        assert (splitk == "n/a") == (line["shape"] not in decode), line
+    assert {f"fusedad:{v.name} % copy" for v in forward.fwd_variants()} | {"copy GB/s", "F.linear % copy"} <= set(dec[0])
+    assert "## forward (no_grad" in proc.stdout and "### forward, decode" in proc.stdout
+
+
 def test_dry_run_leaves_the_checkout_as_it_was(dry_run):
     before, after = dry_run[0].git_status
     if before is None:
@@ -719,9 +813,46 @@ def test_protocol_report_from_cuda_like_results(tmp_path):
     g = summary["tables"]["backward_graph"]
     assert len(g) == 1 and g[0]["fusedad:linear_bwd graph"] == "0.08" and g[0]["eager launch"] == "0.08"
     assert summary["failed"] == ["pytest"] and md.rstrip().endswith("result: NOT OK: pytest")
+    assert "forward" not in summary["tables"]  # no forward.json: no forward table
     detail = {s["step"]: s["detail"] for s in summary["steps"]}
     assert detail["pytest"] == "120 passed in 89.0s (interrupted)" and "no train.json" not in md
     assert detail["backward"] == "6 rows: 1 ERROR, 5 ok; graphs: 3 ok; fusedad not ok: 0"
+
+
+def test_protocol_report_from_cuda_like_forward_results(tmp_path):
+    """The forward tables of a GPU run (synthetic rows): both ratios, n/a for a variant that does not
+    apply, the decode table's copy GB/s and % of copy."""
+    def row(case, M, impl, ms, pct=None, status="ok", variants="linear_fwd+linear_fwd_tma+linear_fwd_splitk"):
+        r = dict(suite="forward", case=case, M=M, K=8192, N=8192, dtype="bf16", activation="gelu_tanh", phase="fwd",
+                 impl=impl, status=status, ms=ms, variants=variants)
+        if pct is not None:
+            r.update(pct_copy=pct, gbps=pct * 30.0)
+        return r
+
+    big = "linear_fwd+linear_fwd_tma"
+    rows = [row("llm M8192", 8192, "eager", 0.44, variants=big), row("llm M8192", 8192, "fusedad:linear_fwd", 0.5,
+                                                                    variants=big),
+            row("llm M8192", 8192, "fusedad:linear_fwd_tma", 0.4, variants=big),
+            row("llm M8192", 8192, "F.linear", 0.4, variants=big),
+            row("decode M1", 1, "eager", 0.07, 70), row("decode M1", 1, "fusedad:linear_fwd", 0.1, 49),
+            row("decode M1", 1, "fusedad:linear_fwd_tma", 0.2, status="ERROR: RuntimeError: x"),
+            row("decode M1", 1, "fusedad:linear_fwd_splitk", 0.07, 70), row("decode M1", 1, "F.linear", 0.07, 70),
+            dict(row("decode M1", 1, "copy", 0.1), gbps=3000.0)]
+    env = {"performance_figures": True, "device_name": "NVIDIA H100 80GB HBM3"}
+    (tmp_path / "forward.json").write_text(json.dumps({"env": env, "rows": rows}))
+    steps = tmp_path / "steps.tsv"
+    steps.write_text("forward\tPASS\t40\t60\tsteps.log\t\n")
+    md, summary = protocol.build(tmp_path, protocol.read_steps(steps), "mode: GPU\n", False)
+    f = {t["shape"]: t for t in summary["tables"]["forward"]}
+    assert f["llm M8192"]["fusedad:linear_fwd_tma × F.linear"] == "1.00"
+    assert f["llm M8192"]["fusedad:linear_fwd_tma × eager"] == "1.10"
+    assert f["llm M8192"]["fusedad:linear_fwd × F.linear"] == "0.80"
+    assert f["llm M8192"]["fusedad:linear_fwd_splitk"] == "n/a" == f["llm M8192"]["fusedad:linear_fwd_splitk × eager"]
+    assert f["decode M1"]["fusedad:linear_fwd_tma"] == "ERROR" and f["decode M1"]["fusedad:linear_fwd_splitk"] == "0.07"
+    (d,) = summary["tables"]["forward_decode"]
+    assert d["copy GB/s"] == "3000" and d["fusedad:linear_fwd_splitk % copy"] == "70"
+    assert d["fusedad:linear_fwd % copy"] == "49" and d["fusedad:linear_fwd_tma % copy"] == "ERROR"
+    assert "### forward, decode" in md and summary["failed"] == []
 
 
 def test_notes_prediction_template_lists_every_figure_the_protocol_prints():
@@ -736,5 +867,19 @@ def test_notes_prediction_template_lists_every_figure_the_protocol_prints():
     heads = " ".join(ln for ln in lines if ln.startswith("| shape"))
     for impl in ("eager", *(plan.VARIANT_IMPL.format(v.name) for v in backward.bwd_variants()), "floor", "compile"):
         assert impl in heads, impl
-    for step in ("pytest", "backward", "train", "memcheck", "memcheck-alt-bwd", "overhead"):
+    for step in ("pytest", "backward", "forward", "train", "memcheck", "memcheck-alt-bwd", "overhead"):
         assert f"| {step} |" in section, step
+    # The forward step's tables: every (shape, activation) in the ms table (its header names every variant
+    # and both references), the ratio table and, for the decode shapes, the % of copy table.
+    cuda = forward.preset("cuda", False)
+    names = [plan.VARIANT_IMPL.format(v.name) for v in forward.fwd_variants()]
+    tables = section.split("Table F — forward", 1)[1].split("Table O", 1)[0].split("Table F-")
+    ms, ratios, decode = tables[0], tables[1], tables[2]
+    for shape in cuda["shapes"]:
+        for act in forward.ACTS:
+            for table in (ms, ratios) + ((decode,) if shape.M <= 16 else ()):
+                assert f"| {shape.label} | {act} |" in table, (shape.label, act)
+    head = next(ln for ln in ms.splitlines() if ln.startswith("| shape"))
+    assert all(f" {impl} |" in head for impl in ("eager", "F.linear", *names)), head
+    head = next(ln for ln in decode.splitlines() if ln.startswith("| shape"))
+    assert "copy GB/s" in head and all(f"{impl} % copy" in head for impl in ("F.linear", *names)), head
