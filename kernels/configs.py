@@ -298,12 +298,12 @@ def launch_config(device_name, kernel_name, flags, M, N, K, dtype, run, bench, t
 
     * the key holds the device model, kernel (or direction, when variants are tuned too), constexpr
       flags, M bucket, N, K and dtype;
-    * an accumulating launch (``ACCUMULATE_DW``) is never timed — each timed run would add into the
+    * an accumulating launch (``ACCUMULATE_DW`` / ``ACCUMULATE_DX``) is never timed — each timed run would add into the
       output again — and takes the config tuned for the same launch without accumulation, or the heuristic;
     * ``traced`` (inside a torch.compile trace) times nothing either: a cache hit or the heuristic.
     """
-    accumulating = bool(flags.get("ACCUMULATE_DW", False))
-    key_flags = dict(flags, ACCUMULATE_DW=False) if accumulating else flags
+    accumulating = bool(flags.get("ACCUMULATE_DW", False) or flags.get("ACCUMULATE_DX", False))
+    key_flags = {k: (False if k.startswith("ACCUMULATE_") else v) for k, v in flags.items()}
     key = (device_name, kernel_name, tuple(sorted(key_flags.items())), m_bucket(M), N, K, dtype)
     return tuned_config(key, M, N, K, dtype, run, bench, tune=not traced and not accumulating, space=space)
 

@@ -263,7 +263,7 @@ def _linear_bwd_kernel(
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sn,
     stride_dxm, stride_dxk, stride_dwn, stride_dwk, stride_db,
     ACT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    ACCUMULATE_DW: tl.constexpr,
+    ACCUMULATE_DX: tl.constexpr, ACCUMULATE_DW: tl.constexpr,
     FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -273,6 +273,7 @@ def _linear_bwd_kernel(
     Program ids [0, tiles(dX)) compute dX tiles, the rest dW tiles (or, with COMPUTE_DW off, only
     the db row sums, one program per BLOCK_M slice of N). ACCUMULATE_DW: dw += dZᵀ·X (dw is then an
     fp32 ``main_grad`` buffer: gradient accumulation over micro-batches without a separate add pass).
+    ACCUMULATE_DX: dx += dZ·W (the LM head sums dX over chunks of classes in an fp32 buffer).
     """
     pid = tl.program_id(0)
     if COMPUTE_DX:
@@ -293,6 +294,10 @@ def _linear_bwd_kernel(
         )
         offs_m, offs_k = _tile_offsets(pid_m, pid_k, BLOCK_M, BLOCK_N, INT64)
         mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+        if ACCUMULATE_DX:
+            # Each dX element belongs to exactly one tile: a plain read-add-write, no atomics.
+            acc_dx += tl.load(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, mask=mask,
+                              other=0.0).to(acc_dx.dtype)
         _store_tile(dx_ptr, offs_m, offs_k, stride_dxm, stride_dxk, acc_dx, mask, EMULATE_BF16)
     else:
         # dW[n, k] = Σ_m dZ[m, n]·X[m, k]: A = dZᵀ (N×M, dY and S read with swapped strides), B = X.

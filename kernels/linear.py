@@ -270,7 +270,8 @@ def linear_forward(x, weight, bias=None, activation=None, store_preact=False,
 
 
 def linear_backward(grad_y, x, weight, saved, activation=None,
-                    need_x=True, need_weight=True, need_bias=False, wrap=None, weight_grad_out=None):
+                    need_x=True, need_weight=True, need_bias=False, wrap=None, weight_grad_out=None,
+                    input_grad_out=None):
     """dZ = dY ⊙ act'(saved);  dX = dZ·W,  dW = dZᵀ·X,  db = Σ_rows dZ — one launch for all requested.
 
     Args:
@@ -279,6 +280,7 @@ def linear_backward(grad_y, x, weight, saved, activation=None,
         None without activation.
         weight_grad_out: (N, K), e.g. an fp32 ``main_grad``: dW is *added* into it in the kernel's
         epilogue and it is returned as grad_w (no separate dW buffer, no extra pass).
+        input_grad_out: (M, K), the same for dX (the LM head sums dX over class chunks in fp32).
     Returns:
         (grad_x (M, K) or None, grad_w (N, K) or None, grad_b (N,) or None)
     """
@@ -287,12 +289,13 @@ def linear_backward(grad_y, x, weight, saved, activation=None,
     # The tensor that gives K and the output dtype/device (neither x nor weight is kept for db alone).
     ref = x if x is not None else weight if weight is not None else grad_y
     K = ref.shape[1] if ref is not grad_y else 0
-    dx = _alloc((M, K), ref) if need_x else None
     accumulate = need_weight and weight_grad_out is not None
-    if accumulate:
-        assert weight_grad_out.shape == (N, K) and weight_grad_out.device == ref.device, (
-            f"weight_grad_out must be ({N}, {K}) on {ref.device}, got {tuple(weight_grad_out.shape)} on "
-            f"{weight_grad_out.device}")
+    accumulate_dx = need_x and input_grad_out is not None
+    for name, out, shape in (("weight_grad_out", weight_grad_out if accumulate else None, (N, K)),
+                             ("input_grad_out", input_grad_out if accumulate_dx else None, (M, K))):
+        assert out is None or (out.shape == shape and out.device == ref.device), (
+            f"{name} must be {shape} on {ref.device}, got {tuple(out.shape)} on {out.device}")
+    dx = input_grad_out if accumulate_dx else (_alloc((M, K), ref) if need_x else None)
     dw = weight_grad_out if accumulate else (_alloc((N, K), ref) if need_weight else None)
     db = _alloc((N,), ref) if need_bias else None
     compute_dx = need_x and M > 0 and K > 0
@@ -300,14 +303,14 @@ def linear_backward(grad_y, x, weight, saved, activation=None,
     compute_db = need_bias and N > 0
     if not (compute_dx or compute_dw or compute_db):
         return dx, dw, db
-    if need_x and not compute_dx:
+    if need_x and not compute_dx and not accumulate_dx:
         dx.zero_()
     if need_weight and not compute_dw and not accumulate:
         dw.zero_()
     tensors = (grad_y, x, weight, saved, dx, dw, db)
     common = _common_flags(ref.dtype, *tensors[:6])
     plan = dict(COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-                ACCUMULATE_DW=accumulate and compute_dw)
+                ACCUMULATE_DX=accumulate_dx and compute_dx, ACCUMULATE_DW=accumulate and compute_dw)
     variant = variants.select("bwd", variants.Problem(M, N, K, ref.dtype, tensors, dict(plan, ACT=act.kernel_id)))
     operand, prologue_act = grad_y, act
     if variant.dz_pass and (act.saves is not None or compute_db):

@@ -18,7 +18,7 @@ def lower(kernel, dtype, flags, cfg, int64=False):
     from triton.compiler import ASTSource
 
     constexprs = dict(flags, FP64=dtype == torch.float64, EMULATE_BF16=False, PRECISION="ieee", INT64=int64,
-                      **{k: v for k, v in cfg.items() if k.startswith("BLOCK") and k in kernel.arg_names})
+                      **{k: v for k, v in cfg.items() if k.startswith(("BLOCK", "GROUP")) and k in kernel.arg_names})
     signature, attrs = {}, {}
     for i, (name, p) in enumerate(zip(kernel.arg_names, kernel.params)):
         if p.is_constexpr:
@@ -27,10 +27,12 @@ def lower(kernel, dtype, flags, cfg, int64=False):
             signature[name] = ("*i64" if name == "t_ptr" else "*fp32" if name in ("lse_ptr", "zt_ptr", "zs_ptr",
                                "glse_ptr", "gzt_ptr", "gzs_ptr") and dtype != torch.float64 else PTR[dtype])
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "dbp_ptr":
+            signature[name] = "*fp64" if dtype == torch.float64 else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "softcap":
             signature[name] = "fp32"
-        elif name in ("stride_xk", "stride_wk", "stride_b", "stride_cw", "stride_t", "stride_dxk", "stride_dwk",
-                      "stride_db"):
+        elif name in ("stride_xk", "stride_wk", "stride_b", "stride_cw", "stride_t", "stride_dzn"):
             signature[name] = "constexpr"
             constexprs[name] = 1
         else:
@@ -48,8 +50,7 @@ def main():
 
     on = dict(HAS_BIAS=True, HAS_CW=True, SOFTCAP=True)
     cases = [("lce_fwd", ce._lce_fwd_kernel, dict(on, SUM_Z=True)),
-             ("lce_dx", ce._lce_dx_kernel, dict(on, HAS_GZS=True)),
-             ("lce_dw", ce._lce_dw_kernel, dict(on, HAS_GZS=True, COMPUTE_DW=True, COMPUTE_DB=True))]
+             ("lce_dz", ce._lce_dz_kernel, dict(on, HAS_GZS=True, WRITE_DZ=True, COMPUTE_DB=True))]
     for dtype in (torch.bfloat16, torch.float32, torch.float64):
         cfg = ce._config(dtype)
         for name, kernel, flags in cases:

@@ -158,7 +158,7 @@ def launch_flags(variant, dtype, act, overrides=None):
         "fwd": dict(HAS_BIAS=True, STORE_Z=True),
         "fwd_tangent": dict(HAS_BIAS=True, STORE_Z=True, HAS_XT=True, HAS_WT=True, HAS_BT=True, STORE_ZT=True,
                             DACT_FROM_Y=a.saves == "y"),
-        "bwd": dict(COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True, ACCUMULATE_DW=False),
+        "bwd": dict(COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True, ACCUMULATE_DX=False, ACCUMULATE_DW=False),
         "dz": dict(WRITE_DZ=a.saves is not None, COMPUTE_DB=True),
     }[variant.direction])
     flags.update(variant.flags)  # the row's own flags (WARP_SPECIALIZE), passed by the row's launch

@@ -1,7 +1,10 @@
 """Fused linear + cross-entropy (the LM head): semantics against PyTorch, gradients, the kernels' launches.
 
 Shapes are small (the Triton interpreter runs every block op in numpy); the interpreter tiles are 16 wide,
-so V = 37 spans three class tiles, the last one partial.
+so V = 37 spans three class tiles, the last one partial. Every test here runs the backward over chunks of 32
+classes (the ``chunks`` fixture): V = 37 takes two, the first of two class tiles, the second of one partial
+tile, so the dX sum over chunks and the chunk offsets are exercised everywhere; ``test_one_chunk_by_default``
+checks the default chunk size.
 """
 import json
 import os
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedad
+from fusedad.kernels import cross_entropy as lce_kernels
 from fusedad.kernels import force_int64, record_launches
 from fusedad.testing import assert_matches
 
@@ -27,6 +31,14 @@ needs_kernels = pytest.mark.skipif(not runs_kernels("cpu") and not torch.cuda.is
                                    reason="no Triton kernels here (neither the interpreter nor a GPU)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 M, K, V = 13, 16, 37
+CHUNK = 32
+
+
+@pytest.fixture(autouse=True)
+def chunks(monkeypatch):
+    """Backward chunks of CHUNK classes (the default would put these small heads in one chunk)."""
+    monkeypatch.setattr(lce_kernels, "CHUNK_BYTES", 0)
+    monkeypatch.setattr(lce_kernels, "MIN_CHUNK_CLASSES", CHUNK)
 
 
 def ref_loss(x, w, t, b=None, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0, softcap=None,
@@ -227,27 +239,35 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(g, r)
 
 
+def _kinds(log):
+    return [(launch.kernel, launch.flags.get("COMPUTE_DX"), launch.flags.get("COMPUTE_DW")) for launch in log]
+
+
 @needs_kernels
 def test_launches_only_what_is_needed():
+    """Per chunk of classes: the dZ pass, then one GEMM launch for the requested products only."""
     x, w, b, t = make(k=40)
     with record_launches() as log:
         loss = lce(x, w, t, linear_bias=b)
         torch.autograd.grad(loss, (x, w, b))
-    assert [(launch.kernel, launch.flags.get("COMPUTE_DW")) for launch in log] == [
-        ("lce_fwd", None), ("lce_dx", None), ("lce_dw", True)]
-    # frozen weight and bias: no dW kernel at all
+    both = [("lce_dz", None, None), ("linear_bwd", True, True)]
+    assert _kinds(log) == [("lce_fwd", None, None)] + both * 2
+    assert [launch.flags["WRITE_DZ"] and launch.flags["COMPUTE_DB"] for launch in log[1::2]] == [True, True]
+    # frozen weight and bias: no dW product
     with record_launches() as log:
         torch.autograd.grad(lce(x, w.detach(), t, linear_bias=b.detach()), x)
-    assert [launch.kernel for launch in log] == ["lce_fwd", "lce_dx"]
-    # an input without grad: no dX kernel
+    assert _kinds(log) == [("lce_fwd", None, None)] + [("lce_dz", None, None), ("linear_bwd", True, False)] * 2
+    assert not any(launch.flags.get("COMPUTE_DB") for launch in log[1:])
+    # an input without grad: no dX product
     with record_launches() as log:
         torch.autograd.grad(lce(x.detach(), w, t), w)
-    assert [launch.kernel for launch in log] == ["lce_fwd", "lce_dw"]
-    # frozen weight, trainable bias: the dW kernel computes db only (one program per class block)
+    assert _kinds(log) == [("lce_fwd", None, None)] + [("lce_dz", None, None), ("linear_bwd", False, True)] * 2
+    # frozen weight, trainable bias: one dZ pass over all classes that writes no dZ, only db's partial sums
     with record_launches() as log:
         torch.autograd.grad(lce(x.detach(), w.detach(), t, linear_bias=b), b)
-    assert [(launch.kernel, launch.flags.get("COMPUTE_DW")) for launch in log] == [("lce_fwd", None), ("lce_dw", False)]
-    assert log[1].grid == (-(-V // log[1].flags["BLOCK_N"]),)  # one program per class tile
+    assert _kinds(log) == [("lce_fwd", None, None), ("lce_dz", None, None)]
+    assert not log[1].flags["WRITE_DZ"] and log[1].flags["COMPUTE_DB"]
+    assert log[1].grid == (-(-M // 16) * -(-V // 16),)  # every logits tile once
     torch.testing.assert_close(torch.autograd.grad(lce(x.detach(), w.detach(), t, linear_bias=b), b)[0],
                                torch.autograd.grad(ref_loss(x.detach(), w.detach(), t, b), b)[0])
     for ctx in (torch.no_grad, torch.inference_mode):
@@ -257,15 +277,88 @@ def test_launches_only_what_is_needed():
 
 
 @needs_kernels
+def test_each_logits_tile_is_recomputed_once():
+    """The backward's logits work is one GEMM: the dZ programs of all chunks cover every (row tile, class tile)
+    exactly once, and the dZ kernel's grid is all there is of it (dX and dW are plain GEMM launches)."""
+    x, w, b, t = make(k=40)
+    with record_launches() as log:
+        torch.autograd.grad(lce(x, w, t, linear_bias=b), (x, w))
+    dz = [launch for launch in log if launch.kernel == "lce_dz"]
+    assert [launch.args[12] for launch in dz] == [CHUNK, V - CHUNK]  # the chunks' widths (V argument)
+    assert sum(launch.grid[0] for launch in dz) == -(-M // 16) * (-(-CHUNK // 16) + -(-(V - CHUNK) // 16))
+    assert all(launch.kernel in ("lce_fwd", "lce_dz", "linear_bwd") for launch in log)
+    assert all(not launch.flags.get("ACT") for launch in log if launch.kernel == "linear_bwd")
+
+
+@needs_kernels
 def test_extra_memory_is_per_row():
-    """No launch receives a tensor with V·M elements or more: the logits never exist in memory."""
-    x, w, b, t = make(ignored=(1,))
+    """No launch receives anything the size of the logits: besides the inputs and the gradients (and dX's fp32
+    accumulator), every tensor is per row, per class, or the (M, CHUNK) dZ chunk."""
+    k = 8  # so that the logits (M·V elements) outsize every input, gradient and the dZ chunk
+    x, w, b, t = make(k=k, ignored=(1,))
+    largest = max(M * k, V * k, M * CHUNK)
+    assert largest < M * V
     with record_launches() as log:
         torch.autograd.grad(lce(x, w, t, linear_bias=b, label_smoothing=0.1), (x, w, b))
     for launch in log:
         for a in launch.args:
             if isinstance(a, torch.Tensor):
-                assert a.numel() in (M, V, M * K, V * K), (launch.kernel, tuple(a.shape))
+                assert a.untyped_storage().nbytes() // a.element_size() <= largest, (launch.kernel, tuple(a.shape))
+                if a.dim() == 2 and a.shape[0] == M:
+                    assert a.shape[1] in (k, CHUNK, V - CHUNK), (launch.kernel, tuple(a.shape))
+
+
+def test_chunk_size_rule(monkeypatch):
+    monkeypatch.undo()  # the module defaults, not the fixture's
+    rule = lce_kernels.chunk_classes
+    assert rule(8192, 128256, 2, 128) == 8192  # 128 MiB of bf16 dZ
+    assert rule(65536, 128256, 2, 128) == 4096  # at least 4096 classes
+    assert rule(16, 128256, 2, 128) == 128256  # small M: one chunk
+    assert rule(8192, 50000, 4, 64) == 4096
+    assert rule(100, 37, 4, 16) == 37
+
+
+def test_forward_split_rule():
+    rule = lce_kernels.split_count
+    cpu = torch.device("cpu")
+    assert rule(128, 1002, cpu) == 3  # M=8192 in 64-row tiles: 384 programs
+    assert rule(4, 1002, cpu) == 66  # M=256: two waves of 132 SMs from 4 row tiles
+    assert rule(1, 3, cpu) == 3  # at most one split per class tile
+    assert rule(300, 1002, cpu) == 1
+
+
+@needs_kernels
+def test_forward_splits_the_classes():
+    """V = 37 is three class tiles; one row tile: three splits, combined into the same statistics as one."""
+    x, w, b, t = make(ignored=(2,))
+    with torch.no_grad(), record_launches() as log:
+        lse, zt, zs = lce_kernels.lce_forward(x, w, b, t, None, 0.0, True)
+    assert log[0].grid == (1, 3)
+    z = F.linear(x, w, b).double()
+    torch.testing.assert_close(lse.double(), torch.logsumexp(z, -1), rtol=1e-6, atol=1e-6)
+    valid = t >= 0
+    torch.testing.assert_close(zt.double()[valid], z[valid, t[valid]], rtol=1e-6, atol=1e-6)
+    assert zt[2] == 0
+    torch.testing.assert_close(zs.double(), z.sum(-1), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_forward_one_split_over_several_class_tiles(monkeypatch):
+    """Off the interpreter's small shapes every split spans many class tiles: the online max/sum rescaling."""
+    monkeypatch.setattr(lce_kernels, "split_count", lambda *_: 1)
+    x, w, b, t = make(k=40, ignored=(2,))
+    with record_launches() as log:
+        check(x, w, b, t, what="one split", label_smoothing=0.1, softcap=3.0)
+    assert log[0].kernel == "lce_fwd" and log[0].grid == (1, 1)
+
+
+@needs_kernels
+def test_one_chunk_by_default(monkeypatch):
+    monkeypatch.undo()
+    x, w, b, t = make(k=40)
+    with record_launches() as log:
+        check(x, w, b, t, what="one chunk")
+    assert [launch.kernel for launch in log].count("lce_dz") == 1
 
 
 @needs_kernels
@@ -327,9 +420,9 @@ def test_kernels_lower_for_hopper():
                           env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 12
+    assert len(rows) == 8  # (fwd, dz) x (bf16, bf16 int64, fp32, fp64)
     for row in rows:
         assert row["ok"], row
         assert row["shared"] <= 227 * 1024, row
-        if row["name"].startswith(("lce_fwd bfloat16", "lce_dx bfloat16", "lce_dw bfloat16")):
+        if row["name"].startswith(("lce_fwd bfloat16", "lce_dz bfloat16")):
             assert row["wgmma"], row  # bf16 tiles of 64 rows use Hopper's wgmma

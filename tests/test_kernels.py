@@ -304,6 +304,22 @@ def test_weight_grad_accumulates_into_fp32_main_grad(device, bwd_variant):
     assert_matches(dx, ref64[1], ref[1], "dx")
 
 
+def test_input_grad_accumulates_into_fp32_buffer(device, bwd_variant):
+    """input_grad_out (the LM head's fp32 dX over class chunks): dX is added in the epilogue (ACCUMULATE_DX),
+    in the same launch as a plain dW."""
+    _needs_kernels(device)
+    M, K, N = 21, 18, 12
+    x, w, dy = (randn(*s, dtype=torch.bfloat16, device=device) for s in ((M, K), (N, K), (M, N)))
+    start = randn(M, K, device=device)
+    acc = start.clone()
+    with record_launches() as log:
+        dx, dw, _ = linear_backward(dy, x, w, None, None, True, True, False, input_grad_out=acc)
+    assert dx is acc and _gemm(log).flags["ACCUMULATE_DX"] and not _gemm(log).flags["ACCUMULATE_DW"]
+    ref64, ref = _references(x, w, torch.zeros(N, dtype=torch.bfloat16, device=device), None, dy)
+    assert_matches(acc - start, ref64[1], ref[1].float(), "dx increment")
+    assert_matches(dw, ref64[2], ref[2], "dw")
+
+
 def test_every_kernel_path_over_several_k_blocks(device, bwd_variant):
     """Every loop of every kernel runs more than one K block: M, N > 64 and K > 128, the interpreter's
     tiles being at most 64 deep. Forward (+Z), forward with all three tangents, backward dX (reduces over

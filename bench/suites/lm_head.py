@@ -8,14 +8,18 @@ x (M, K) hidden states, W (V, K) the head's weight, t (M,) targets. Implementati
     fusedad        fusedad.linear_cross_entropy: logits tile by tile in registers, O(M) extra memory
 
 Phases: "fwd" (the loss under no_grad) and "fwd+bwd" (loss, dX and dW). Model FLOPs: 2·M·V·K per GEMM, one
-forward, three for fwd+bwd (fusedad recomputes the logits in its backward: it executes more, see
+forward, three for fwd+bwd (fusedad recomputes the logits once in its backward: it executes four, see
 kernels/cross_entropy.py). Memory columns: ``torch.cuda.max_memory_allocated`` during one call (CUDA only),
-and the formula for what eager keeps of size M×V:
+and the formula for what each keeps beyond its inputs (e = element size; C = the backward's class chunk,
+``kernels.cross_entropy.chunk_classes``):
 
-    eager fwd+bwd ≈ 4 · M·V·e bytes (logits, log-softmax, and the two gradients of those; e = element size)
-    fusedad       ≈ 3 · M · 4 bytes (lse, target logit, Σ logits) + the gradients dX (M·K·e), dW (V·K·e)
+    eager fwd+bwd ≈ 4 · M·V·e bytes (logits, log-softmax, and the two gradients of those) + dX, dW
+    fusedad       ≈ 3 · M · 4 bytes of statistics (per class split of the forward: a few, kilobytes; the
+                    formula counts one), + in the backward the dZ chunk M·C·e and dX's fp32 accumulator
+                    M·K·4, + the gradients dX (M·K·e), dW (V·K·e)
 
-At M=8192, V=128256, bf16: M·V·e = 2.10 GB, so eager's formula is ≈ 8.4 GB against fusedad's ≈ 0.1 MB.
+At M=8192, K=4096, V=128256, bf16: M·V·e = 2.10 GB, so eager's formula is ≈ 8.4 GB (+ 1.1 GB of gradients)
+against fusedad's 134 MB (dZ chunk, C = 8192) + 134 MB (fp32 dX) (+ the same gradients).
 """
 import functools
 
@@ -46,7 +50,10 @@ def formula_mb(M, K, V, elem, impl, phase):
     """Predicted memory beyond inputs (MiB): what the implementation keeps that scales with M×V."""
     grads = 0 if phase == "fwd" else (M * K + V * K) * elem
     if impl == "fusedad":
-        return (3 * M * 4 + grads) / 2**20
+        from fusedad.kernels.cross_entropy import chunk_classes
+
+        scratch = 0 if phase == "fwd" else M * chunk_classes(M, V, elem, 128) * elem + M * K * 4
+        return (3 * M * 4 + scratch + grads) / 2**20
     if impl == "torch-chunked":
         return None  # depends on its chunk policy
     return ((1 if phase == "fwd" else 4) * M * V * elem + grads) / 2**20
