@@ -412,12 +412,10 @@ def _linear_fwd_tma_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_yn, stride_zm, stride_zn,
-    # A flag of the variant-table row, not of the call: passed positionally right after the arguments
-    # (``Variant.flags``), so it must stay the first constexpr.
-    WARP_SPECIALIZE: tl.constexpr,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_Z: tl.constexpr,
     FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,  # a flag of the variant-table row (``Variant.flags``), not of the call
 ):
     """``_linear_fwd_kernel``'s contract on tensor descriptors (K-contiguous, 16-byte aligned operands;
     unit last strides are assumed, the *_k / *_n strides are not read).

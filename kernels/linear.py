@@ -208,19 +208,19 @@ def _run(variant, cfg, problem, args, flags, wrap, device, record):
     def launch_one(v, grid, a):
         if record:
             for log in _RECORDERS:
-                log.append(Launch(v.name, grid, dict(flags, **cfg.launch_kwargs()), a))
+                log.append(Launch(v.name, grid, dict(flags, **v.flags, **cfg.launch_kwargs()), a))
         if grid[0] == 0:
             return
         launcher = v.kernel if wrap is None else wrap(v.kernel)
         if INTERPRETER:
             with _INTERPRETER_LOCK:
-                launcher[grid](*a, **flags, **cfg.launch_kwargs())
+                launcher[grid](*a, **flags, **v.flags, **cfg.launch_kwargs())
         else:
             if v.descriptors:
                 _ensure_allocator()
             # The tensors' own device, not the current one: a backward may run on another thread/device.
             with torch.cuda.device(device):
-                launcher[grid](*a, **flags, **cfg.launch_kwargs())
+                launcher[grid](*a, **flags, **v.flags, **cfg.launch_kwargs())
 
     if variant.launch is not None:
         variant.launch(problem, cfg, args, launch_one)

@@ -9,13 +9,11 @@ row for sm_90.
 import contextlib
 import dataclasses
 import functools
-import inspect
 import types
 from typing import Callable, Mapping, Optional
 
 import torch
 import triton
-import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import configs
@@ -150,29 +148,12 @@ class Variant:
     launch: Optional[Callable] = None
     #: builds tensor descriptors in the kernel (needs Triton's allocator; not used inside torch.compile)
     descriptors: bool = False
-    #: constexpr flags fixed by this row (e.g. ``WARP_SPECIALIZE``: two rows, one kernel). The launcher
-    #: passes the call's flags by name; these go positionally right after the call's arguments (so a
-    #: ``Launch`` record has them at the end of its ``args``), hence they must be the kernel's first
-    #: constexpr parameters, in this order (checked here). A row with flags has no ``launch`` of its own.
+    #: constexpr flags fixed by this row (e.g. ``WARP_SPECIALIZE``: two rows, one kernel), passed by name
+    #: beside the call's flags (and recorded with them in a ``Launch``).
     flags: Mapping = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self):
-        if not self.flags:
-            return
-        params = inspect.signature(self.kernel.fn).parameters.values()
-        first = [p.name for p in params if p.annotation is tl.constexpr][:len(self.flags)]
-        if first != list(self.flags):
-            raise ValueError(f"variant {self.name}: its flags {list(self.flags)} must be the first constexpr "
-                             f"parameters of {self.kernel.fn.__name__} (they are {first})")
-        if self.launch is not None:
-            raise ValueError(f"variant {self.name}: a row with flags launches through _fixed_flags_launch")
         object.__setattr__(self, "flags", types.MappingProxyType(dict(self.flags)))
-        object.__setattr__(self, "launch", functools.partial(_fixed_flags_launch, self))
-
-
-def _fixed_flags_launch(variant, p, cfg, args, launch_one):
-    """One launch of ``variant.kernel`` on its grid with the row's own flags after the call's arguments."""
-    launch_one(variant, variant.grid(p, cfg), (*args, *variant.flags.values()))
 
 
 _BWD_UNIT_STRIDES = frozenset({"stride_dyn", "stride_xk", "stride_wk", "stride_sn", "stride_dxk", "stride_dwk",

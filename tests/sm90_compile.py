@@ -161,7 +161,7 @@ def launch_flags(variant, dtype, act, overrides=None):
         "bwd": dict(COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True, ACCUMULATE_DX=False, ACCUMULATE_DW=False),
         "dz": dict(WRITE_DZ=a.saves is not None, COMPUTE_DB=True),
     }[variant.direction])
-    flags.update(variant.flags)  # the row's own flags (WARP_SPECIALIZE), passed by the row's launch
+    flags.update(variant.flags)  # the row's own flags (WARP_SPECIALIZE)
     flags.update({k: v for k, v in (overrides or {}).items() if not k.endswith("_ptr")})
     if variant.dz_pass:
         flags.update(ACT=lookup(None).kernel_id, COMPUTE_DB=False)

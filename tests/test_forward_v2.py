@@ -117,9 +117,9 @@ def test_layouts_tma_cannot_address_take_the_pointer_kernel(device, how, variant
 
 @pytest.mark.parametrize("variant", TMA_VARIANTS)
 def test_tma_rows_share_one_kernel_and_pass_their_warp_specialize_flag(device, variant):
-    """The three TMA rows launch one kernel; the row's WARP_SPECIALIZE (on for linear_fwd_tma_ws only)
-    travels positionally after the call's arguments (``Variant.flags``), so it ends the recorded args.
-    (Whether the flag specialises the compiled kernel is for tests/test_sm90_compile.py: setmaxnreg.)"""
+    """The three TMA rows launch one kernel; the row's WARP_SPECIALIZE (on for linear_fwd_tma_ws only,
+    ``Variant.flags``) is passed beside the call's flags. (Whether the flag specialises the compiled
+    kernel is for tests/test_sm90_compile.py: setmaxnreg.)"""
     _needs_kernels(device)
     row = variants.by_name(variant)
     assert row.kernel is variants.by_name("linear_fwd_tma").kernel
@@ -128,26 +128,15 @@ def test_tma_rows_share_one_kernel_and_pass_their_warp_specialize_flag(device, v
     with variants.use(variant), record_launches() as log:
         y, z, _, _ = linear_forward(x, w, b, "relu", store_preact=True)
     (launch,) = log
-    assert launch.kernel == variant and launch.args[-1] is (variant == "linear_fwd_tma_ws")
+    assert launch.kernel == variant and launch.flags["WARP_SPECIALIZE"] is (variant == "linear_fwd_tma_ws")
     assert all(a is t for a, t in zip(launch.args, (x, w, b, y, z)))
     _check(x, w, b, "relu", y, z)
 
 
-def test_a_row_flag_must_be_the_kernels_first_constexpr(device):
-    """``Variant.flags`` are passed positionally: a row naming a flag that is not its kernel's first
-    constexpr parameter is refused when the table is built."""
-    row = variants.by_name("linear_fwd_tma")
-    import dataclasses
-    with pytest.raises(ValueError, match="first constexpr"):
-        dataclasses.replace(row, flags={"ACT": 0}, launch=None)
-    with pytest.raises(ValueError, match="first constexpr"):
-        dataclasses.replace(variants.by_name("linear_fwd"), flags={"WARP_SPECIALIZE": True}, launch=None)
-
-
 def test_default_choice(device):
     """Without ``use``: M ≤ 16 takes the split-K decode path (any layout), everything else the pointer
-    kernel. (The TMA kernels are not a default: the sm_90 loop report puts the plain TMA kernel's epilogue
-    loop over its issue budget, and none has run on a GPU; the autotuner may still pick them by timing.)"""
+    kernel. (The TMA kernels are not a default: none has run on a GPU; the autotuner may still pick them by
+    timing.)"""
     _needs_kernels(device)
     cases = [((16, 40), (24, 40), ["linear_fwd_splitk", "linear_fwd_splitk_reduce"]),
              ((17, 40), (24, 40), ["linear_fwd"]),
