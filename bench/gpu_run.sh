@@ -9,24 +9,27 @@
 #
 # Steps, each under its own `timeout` (seconds; env overrides), a failed step never stopping the next:
 #   setup             record the environment; `pip install --no-deps --no-build-isolation -e .` unless fusedad is
-#                     already installed (editable) from this checkout. Installs nothing from the network.   15
+#                     already installed (editable) from this checkout. Installs nothing from the network.   10
 #   pytest            the CUDA correctness subset: pytest -q -x -k "cuda or on_gpu or fuzz" (the [cuda]-parametrised
 #                     cases, the GPU-only tests, the fuzz with 20 examples); -n 8 when pytest-xdist is there
-#                     (compiles dominate: 8 workers compile in parallel). PYTEST_LIMIT                      75
+#                     (compiles dominate: 8 workers compile in parallel). PYTEST_LIMIT                      65
 #   backward          python -m bench --suite backward: fusedad's backward variants (variants.use), eager autograd
 #                     and the GEMM floor; M=256 (4096->8192) and M=8192 (4096->14336) x gelu gelu_tanh silu
-#                     relu none, bf16; CUDA-graph replays at M=256. BACKWARD_LIMIT                          70
+#                     relu none, bf16; CUDA-graph replays at M=256. BACKWARD_LIMIT                          65
 #   forward           python -m bench --suite forward: every applicable forward variant (variants.use) vs F.linear
 #                     and eager F.linear + act (gelu_tanh, none), bf16, no_grad; M=8192 (4096->4096,
 #                     4096->14336, 14336->4096), M=256 (4096->8192), decode M=1 and 16 (8192->8192) with a
-#                     device copy of the weight (decode GB/s as % of it). FORWARD_LIMIT                     60
+#                     device copy of the weight (decode GB/s as % of it). FORWARD_LIMIT                     55
 #   train             python -m bench --suite layers --phase fwd+bwd: the Linear+act train step, fusedad vs eager
 #                     vs torch.compile (default mode), M=256 and M=8192 as backward, gelu_tanh relu, graphs at
-#                     M=256. TRAIN_LIMIT                                                                    60
+#                     M=256. TRAIN_LIMIT                                                                    55
 #   memcheck          compute-sanitizer --tool memcheck of bench/sanitize_case.py (fwd+bwd+jvp, M=67 K=101 N=83,
 #                     fp32/bf16 x relu/gelu_tanh), the default backward variant. MEMCHECK_LIMIT              30
-#   memcheck-alt-bwd  the same with every non-default backward variant (--bwd-variant others). MEMCHECK_ALT_LIMIT 25
-#   overhead          python -m bench.overhead: per-call host overhead vs nn.Linear. OVERHEAD_LIMIT           15
+#   memcheck-alt-bwd  the same with every non-default backward variant (--bwd-variant others). MEMCHECK_ALT_LIMIT 20
+#   overhead          python -m bench.overhead: per-call host overhead vs nn.Linear. OVERHEAD_LIMIT           10
+#   lm-head           python -m bench --suite lm-head --phase fwd fwd+bwd --impl fusedad: the LM head's loss
+#                     (M=8192, K=4096, V=128256, bf16), fusedad vs eager (and PyTorch's chunked path where the
+#                     torch has it), time and max_memory_allocated. LM_HEAD_LIMIT                           40
 # TOTAL_LIMIT (350) caps the sum: a step gets at most what is left of it (minus 10 s), or is recorded as
 # "skipped (no time left)". Timing: ROUNDS (5) interleaved rounds of triton.testing.do_bench medians over
 # REP_MS (20) ms each; FUSEDAD_AUTOTUNE defaults to 0 here (heuristic tile configs: every variant on the same
@@ -37,9 +40,9 @@
 # run in the train step (inductor's CPU compile takes ~60 s per case on 2 cores), and a `sanitize-cpu` step runs
 # the sanitizer's case on the interpreter for both backward variants instead.
 #
-# Output: at most 8 flat files in $OUT (default <repo>/gpu-out, git-ignored): summary.md (printed last: figure
+# Output: at most 9 flat files in $OUT (default <repo>/gpu-out, git-ignored): summary.md (printed last: figure
 # tables, then the step table), summary.json, pytest.log, steps.log (setup, bench, overhead output),
-# memcheck.log, backward.json, forward.json and train.json (python -m bench's results.json). Exit status 1 if a step is
+# memcheck.log, backward.json, forward.json, train.json and lm_head.json (python -m bench's results.json). Exit status 1 if a step is
 # neither PASS nor skipped. bench/NOTES.md, "GPU protocol (bench/gpu_run.sh)", lists every figure it prints.
 set -u
 DRY=0
@@ -55,7 +58,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
-FILES=(summary.md summary.json pytest.log steps.log memcheck.log backward.json forward.json train.json)
+FILES=(summary.md summary.json pytest.log steps.log memcheck.log backward.json forward.json train.json lm_head.json)
 for f in "${FILES[@]}"; do rm -f "$OUT/$f"; done
 PY=${PYTHON:-python}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
@@ -75,14 +78,15 @@ fi
 if [ "$DRY" = 1 ]; then  # CPU: the interpreter is slow and CI machines are shared; the 2-minute aim is not a limit
   TOTAL_LIMIT=${TOTAL_LIMIT:-750} SETUP_LIMIT=${SETUP_LIMIT:-60} BACKWARD_LIMIT=${BACKWARD_LIMIT:-200}
   FORWARD_LIMIT=${FORWARD_LIMIT:-150} TRAIN_LIMIT=${TRAIN_LIMIT:-150} SANITIZE_CPU_LIMIT=${SANITIZE_CPU_LIMIT:-120}
-  OVERHEAD_LIMIT=${OVERHEAD_LIMIT:-60}
+  OVERHEAD_LIMIT=${OVERHEAD_LIMIT:-60} LM_HEAD_LIMIT=${LM_HEAD_LIMIT:-120}
   DEV=cpu ROUNDS=${ROUNDS:-1} REP_MS=${REP_MS:-0}
   SHAPES="8x32x64 64x64x128" GRAPH_M=8 TRAIN_IMPLS="fusedad"
 else
   # The step limits add up to TOTAL_LIMIT (estimates until a GPU run measures them: bench/NOTES.md).
-  TOTAL_LIMIT=${TOTAL_LIMIT:-350} SETUP_LIMIT=${SETUP_LIMIT:-15} PYTEST_LIMIT=${PYTEST_LIMIT:-75}
-  BACKWARD_LIMIT=${BACKWARD_LIMIT:-70} FORWARD_LIMIT=${FORWARD_LIMIT:-60} TRAIN_LIMIT=${TRAIN_LIMIT:-60}
-  MEMCHECK_LIMIT=${MEMCHECK_LIMIT:-30} MEMCHECK_ALT_LIMIT=${MEMCHECK_ALT_LIMIT:-25} OVERHEAD_LIMIT=${OVERHEAD_LIMIT:-15}
+  TOTAL_LIMIT=${TOTAL_LIMIT:-350} SETUP_LIMIT=${SETUP_LIMIT:-10} PYTEST_LIMIT=${PYTEST_LIMIT:-65}
+  BACKWARD_LIMIT=${BACKWARD_LIMIT:-65} FORWARD_LIMIT=${FORWARD_LIMIT:-55} TRAIN_LIMIT=${TRAIN_LIMIT:-55}
+  MEMCHECK_LIMIT=${MEMCHECK_LIMIT:-30} MEMCHECK_ALT_LIMIT=${MEMCHECK_ALT_LIMIT:-20} OVERHEAD_LIMIT=${OVERHEAD_LIMIT:-10}
+  LM_HEAD_LIMIT=${LM_HEAD_LIMIT:-40}
   DEV=cuda ROUNDS=${ROUNDS:-5} REP_MS=${REP_MS:-20}
   SHAPES="256x4096x8192 8192x4096x14336" GRAPH_M=256 TRAIN_IMPLS="fusedad compile"
 fi
@@ -223,6 +227,12 @@ OVERHEAD_ARGS=()
 [ "$DRY" = 1 ] && OVERHEAD_ARGS=(--rounds 3 --calls 20)  # the CPU's eager path: exercised, not measured
 run_step overhead "$OVERHEAD_LIMIT" steps.log "" \
   "$PY" -m bench.overhead --device "$DEV" "${OVERHEAD_ARGS[@]}" --json "$SCRATCH/overhead.json"
+
+# -- 7. the LM head's loss: fused linear + cross-entropy vs eager (last: the largest allocations) ---------
+run_step lm-head "$LM_HEAD_LIMIT" steps.log "" \
+  "$PY" -m bench --suite lm-head --phase fwd fwd+bwd --impl fusedad --device "$DEV" --rounds "$ROUNDS" \
+  --rep-ms "$REP_MS" --out "$SCRATCH/lm_head" --no-plots --no-progress
+[ -f "$SCRATCH/lm_head/results.json" ] && cp "$SCRATCH/lm_head/results.json" "$OUT/lm_head.json"
 
 # -- summary --------------------------------------------------------------------------------------------
 for f in "${FILES[@]}"; do  # the device tool takes back files of at most 16 MiB: keep a log's head and tail

@@ -2,7 +2,7 @@
 
     python -m bench.protocol report --out OUT --steps STEPS.tsv [--env ENV.txt] [--overhead JSON] [--dry-run]
 
-Reads what the protocol's steps wrote into OUT (backward.json, forward.json, train.json, pytest.log,
+Reads what the protocol's steps wrote into OUT (backward.json, forward.json, train.json, lm_head.json, pytest.log,
 steps.log, memcheck.log) and the step records (STEPS.tsv: name, status, seconds, limit, log file, note; one line per
 step, written by the script), writes OUT/summary.md and OUT/summary.json, and prints summary.md: the
 figure tables first and the step table last. Standard library only (no torch): it runs, and the table
@@ -20,7 +20,8 @@ CPU_NOTE = "cpu-interpreter (not a performance figure)"
 GRAPH_LIMIT_NOTE = "CUDA-graph replay"
 TRAIN_IMPLS = ("eager", "fusedad", "compile")
 #: The result files of the steps that run the benchmark (python -m bench ... --out, results.json copied here).
-RESULT_FILES = {"backward": "backward.json", "forward": "forward.json", "train": "train.json"}
+RESULT_FILES = {"backward": "backward.json", "forward": "forward.json", "train": "train.json",
+                "lm-head": "lm_head.json"}
 #: The forward table's references: bare F.linear, and eager F.linear + activation.
 FORWARD_BASES = ("F.linear", "eager")
 
@@ -129,6 +130,32 @@ def copy_pivot(rows, impls):
                                       or ("" if r.get("pct_copy") is None else f"{r['pct_copy']:.0f}"))
         table.append(line)
     return not_applicable(table, rows)
+
+
+def lm_head_pivot(rows, impls, perf):
+    """LM-head rows (case, phase) × implementations: ms per call (or the row's status), then on performance
+    runs each one's time as eager ms / its ms ("× eager") and its step memory (``max_memory_allocated``
+    during one call, minus what was allocated before) as MiB and ÷ eager's."""
+    keys = list(dict.fromkeys((r["case"], r["phase"]) for r in rows))
+    by = {(r["case"], r["phase"], r["impl"]): r for r in rows}
+    table = []
+    for case, phase in keys:
+        line = {"shape": case, "phase": phase}
+        for impl in impls:
+            r = by.get((case, phase, impl))
+            line[impl] = "not run" if r is None else _bad(r["status"]) or fmt_ms(r.get("ms"))
+        if perf:
+            ok = {i: r for i in impls if (r := by.get((case, phase, i))) and r["status"] == "ok"}
+            eager = ok.get("eager", {})
+            for i in impls:
+                r = ok.get(i, {})
+                if i != "eager":
+                    line[f"{i} × eager"] = fmt_ratio(eager.get("ms"), r.get("ms"))
+                line[f"{i} step MiB"] = "" if r.get("step_mb") is None else f"{r['step_mb']:.0f}"
+                if i != "eager":
+                    line[f"{i} mem ÷ eager"] = fmt_ratio(r.get("step_mb"), eager.get("step_mb"))
+        table.append(line)
+    return table
 
 
 def graph_pivot(rows, impls):
@@ -250,14 +277,15 @@ def env_lines(env_text, results):
 
 def build(out, steps, env_text, dry_run, overhead_path=None):
     """(summary markdown, summary dict)."""
-    backward, forward, train = (load_results(out, name) for name in ("backward", "forward", "train"))
-    perf = any(r and r.get("env", {}).get("performance_figures") for r in (backward, forward, train))
+    backward, forward, train, lm_head = (load_results(out, name) for name in ("backward", "forward", "train",
+                                                                              "lm-head"))
+    perf = any(r and r.get("env", {}).get("performance_figures") for r in (backward, forward, train, lm_head))
     tables = {}
     md = ["# GPU protocol (bench/gpu_run.sh) — summary", ""]
     if dry_run:
         md += ["**DRY RUN**: the same plan on the CPU through Triton's interpreter at tiny shapes; CUDA-only steps "
                "are skipped (no GPU). Times are not performance figures.", ""]
-    md += [f"- {line}" for line in env_lines(env_text, backward or forward or train)] + [""]
+    md += [f"- {line}" for line in env_lines(env_text, backward or forward or train or lm_head)] + [""]
     unit = "ms per call" if perf else f"ms* per call, {CPU_NOTE}"
     if backward:
         rows = [r for r in backward["rows"] if r["suite"] == "backward"]
@@ -298,6 +326,14 @@ def build(out, steps, env_text, dry_run, overhead_path=None):
         if tables["train_graph"]:
             md += [f"### train step, {GRAPH_LIMIT_NOTE} (graph ms; launch = plain ms − graph ms)", "",
                    markdown(tables["train_graph"]), ""]
+    if lm_head:
+        rows = [r for r in lm_head["rows"] if r["suite"] == "lm-head"]
+        tables["lm_head"] = lm_head_pivot(rows, impl_order(rows), perf)
+        md += [f"## LM head: cross_entropy(x·Wᵀ, t) ({', '.join(sorted({r['dtype'] for r in rows}))}): {unit}", "",
+               "Checked against eager (F.cross_entropy(F.linear)) before timing; fwd = the loss under no_grad, "
+               "fwd+bwd = loss, dX and dW. `× eager` = eager ms / its ms (above 1: faster); step MiB = "
+               "max_memory_allocated during one call beyond what was allocated before; `mem ÷ eager` below 1: "
+               "less memory.", "", markdown(tables["lm_head"]), ""]
     if overhead_path and Path(overhead_path).is_file():
         overhead = json.loads(Path(overhead_path).read_text(encoding="utf-8"))
         tables["overhead"] = [{"phase": k, "nn.Linear µs": f"{v['nn_linear_us']:.1f}",
@@ -316,7 +352,7 @@ def build(out, steps, env_text, dry_run, overhead_path=None):
            markdown(step_table), "",
            "result: " + (f"NOT OK: {', '.join(failed)}" if failed else "every step PASS or skipped")]
     summary = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "dry_run": dry_run,
-               "performance_figures": perf, "env": env_lines(env_text, backward or forward or train),
+               "performance_figures": perf, "env": env_lines(env_text, backward or forward or train or lm_head),
                "steps": steps, "failed": failed, "tables": tables}
     return "\n".join(md) + "\n", summary
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # bench/ is not installed (not shipped in the wheel): import it from the checkout
 
 from bench import checks, cli, impls, plan, protocol, report, runner  # noqa: E402
-from bench.suites import SUITES, Suite, backward, forward, layers, memory, modes, register  # noqa: E402
+from bench.suites import SUITES, Suite, backward, forward, layers, lm_head, memory, modes, register  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -681,14 +681,14 @@ GPU_RUN = REPO / "bench" / "gpu_run.sh"
 DRY_RUN_STEPS = {"setup": "PASS", "pytest": "skipped (no GPU)", "backward": "PASS", "forward": "PASS",
                  "train": "PASS",
                  "memcheck": "skipped (no GPU)", "memcheck-alt-bwd": "skipped (no GPU)", "sanitize-cpu": "PASS",
-                 "overhead": "PASS"}
+                 "overhead": "PASS", "lm-head": "PASS"}
 
 
 def test_gpu_run_script_parses_and_has_help():
     subprocess.run(["bash", "-n", str(GPU_RUN)], check=True)
     text = subprocess.run(["bash", str(GPU_RUN), "--help"], capture_output=True, text=True, check=True).stdout
     for word in ("--dry-run", "OUT=", "PYTEST_LIMIT", "BACKWARD_LIMIT", "FORWARD_LIMIT", "TRAIN_LIMIT", "MEMCHECK_LIMIT",
-                 "OVERHEAD_LIMIT", "TOTAL_LIMIT", "FUSEDAD_AUTOTUNE"):
+                 "OVERHEAD_LIMIT", "LM_HEAD_LIMIT", "TOTAL_LIMIT", "FUSEDAD_AUTOTUNE"):
         assert word in text
     assert not (REPO / "bench" / "gpu_check.sh").exists()  # one script
 
@@ -718,9 +718,9 @@ def test_dry_run_passes_and_records_every_step(dry_run):
 def test_dry_run_writes_few_flat_files_the_device_tool_takes_back(dry_run):
     _, out, _ = dry_run
     entries = list(out.iterdir())
-    assert all(p.is_file() for p in entries) and len(entries) <= 8
+    assert all(p.is_file() for p in entries) and len(entries) <= 9
     assert {p.name for p in entries} == {"summary.md", "summary.json", "pytest.log", "steps.log", "memcheck.log",
-                                         "backward.json", "forward.json", "train.json"}
+                                         "backward.json", "forward.json", "train.json", "lm_head.json"}
     for p in entries:
         assert re.fullmatch(r"[A-Za-z0-9._-]+", p.name) and p.stat().st_size < 16 * 2**20
 
@@ -778,6 +778,20 @@ def test_dry_run_forward_step_results(dry_run):
         assert (splitk == "n/a") == (line["shape"] not in decode), line
     assert {f"fusedad:{v.name} % copy" for v in forward.fwd_variants()} | {"copy GB/s", "F.linear % copy"} <= set(dec[0])
     assert "## forward (no_grad" in proc.stdout and "### forward, decode" in proc.stdout
+
+
+def test_dry_run_lm_head_step_results(dry_run):
+    """The lm-head step: both phases, eager and fusedad (and PyTorch's chunked path where the torch has it)
+    checked ok; its table reaches summary.md/json."""
+    proc, out, summary = dry_run
+    rows = _strict_json(out / "lm_head.json")["rows"]
+    impls = {"eager", "fusedad", *(("torch-chunked",) if lm_head.HAS_CHUNKED else ())}
+    assert {(r["phase"], r["impl"]) for r in rows} == {(p, i) for p in lm_head.PHASES for i in impls}
+    assert all(r["status"] == "ok" for r in rows)
+    table = summary["tables"]["lm_head"]
+    assert [t["phase"] for t in table] == list(lm_head.PHASES)
+    assert all(t["eager"] and t["fusedad"] not in ("", "not run") for t in table)
+    assert "## LM head" in proc.stdout
 
 
 def test_dry_run_leaves_the_checkout_as_it_was(dry_run):
@@ -867,8 +881,11 @@ def test_notes_prediction_template_lists_every_figure_the_protocol_prints():
     heads = " ".join(ln for ln in lines if ln.startswith("| shape"))
     for impl in ("eager", *(plan.VARIANT_IMPL.format(v.name) for v in backward.bwd_variants()), "floor", "compile"):
         assert impl in heads, impl
-    for step in ("pytest", "backward", "forward", "train", "memcheck", "memcheck-alt-bwd", "overhead"):
+    for step in ("pytest", "backward", "forward", "train", "memcheck", "memcheck-alt-bwd", "overhead", "lm-head"):
         assert f"| {step} |" in section, step
+    for shape in lm_head.preset("cuda", False)["shapes"]:  # Table L: both phases predicted
+        for phase in lm_head.PHASES:
+            assert any(f"| {shape.label} | {phase} |" in ln for ln in lines), phase
     # The forward step's tables: every (shape, activation) in the ms table (its header names every variant
     # and both references), the ratio table and, for the decode shapes, the % of copy table.
     cuda = forward.preset("cuda", False)
