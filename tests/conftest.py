@@ -26,6 +26,12 @@ os.environ.setdefault("FUSEDAD_AUTOTUNE", "0")
 if "FUSEDAD_CACHE_DIR" not in os.environ:
     os.environ["FUSEDAD_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusedad-test-cache-")
     atexit.register(shutil.rmtree, os.environ["FUSEDAD_CACHE_DIR"], True)
+# And a fresh torch.compile cache: Inductor's on-disk caches key a graph by its ops, not by the Python
+# bodies of fusedad's custom ops, so a graph compiled before an edit to those bodies would be reused and
+# the edited code never traced (a planted bug in backend.select_for_op went unseen so).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusedad-test-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 

@@ -201,6 +201,10 @@ def child_env(copy):
              if p and Path(p).resolve() not in (SOURCE, SOURCE / "tests")]
     env["PYTHONPATH"] = os.pathsep.join([str(copy), str(copy / "tests"), *extra])
     env.pop("PYTEST_ADDOPTS", None)
+    # A fresh torch.compile cache per copy: Inductor's on-disk FX-graph/AOT caches key a graph by its ops,
+    # not by the Python bodies of our custom ops, so a graph compiled from the unmutated source would be
+    # reused and the mutant's code never traced (seen: select_for_op_interprets_fake_tensors was missed so).
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(copy / ".inductor-cache")
     return env
 
 
