@@ -82,7 +82,8 @@ def _managed_by_fully_shard(layer):
 
     FSDP2 marks only the modules fully_shard is applied to, so this asks its states which module each
     parameter belongs to. Those are FSDP2 internals: checked by tests/test_distributed.py with the torch
-    version CI pins; if a later torch renames them, this finds nothing rather than failing."""
+    version CI pins (2.13: a list ``_fsdp_param_groups``) and by hand with the GPU image's 2.11 (one
+    ``_fsdp_param_group``); if a later torch renames them, this finds nothing rather than failing."""
     fsdp_state = sys.modules.get("torch.distributed.fsdp._fully_shard._fsdp_state")
     if fsdp_state is None:  # fully_shard was never imported
         return False
@@ -91,7 +92,11 @@ def _managed_by_fully_shard(layer):
     for ref in list(_module_state_mapping.values()):
         state = ref()
         if isinstance(state, fsdp_state.FSDPState):
-            for group in getattr(state, "_fsdp_param_groups", ()):
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:
+                group = getattr(state, "_fsdp_param_group", None)
+                groups = (group,) if group is not None else ()
+            for group in groups:
                 for param in getattr(group, "fsdp_params", ()):
                     if getattr(getattr(param, "_module_info", None), "module", None) is layer:
                         return True
