@@ -36,6 +36,33 @@ MODES = (*GRAD_MODES, "fwd+bwd")
 PLANTED_SCALE = 1.1
 
 
+def forced_variant_build(name, call):
+    """The build of implementation ``fusedad:<name>``: ``fn()`` returns ``call()`` run under
+    ``fusedad.kernels.variants.use(name)``. Its first call (the check) records the launches and raises if
+    ``name`` is not among them (its predicate does not hold: a time under the wrong name is never taken);
+    ``fn.row_fields`` then names the variant, whether it is the default, and the kernels launched."""
+    from fusedad.kernels import record_launches, variants
+
+    def build():
+        def fn():
+            if fn.row_fields is not None:
+                with variants.use(name):
+                    return call()
+            with variants.use(name), record_launches() as log:
+                out = call()
+            ran = [launch.kernel for launch in log]
+            if name not in ran:
+                raise RuntimeError(f"variants.use({name!r}) ran {'+'.join(ran) or 'nothing'}: its predicate "
+                                   "does not apply to this case")
+            fn.row_fields = {"variant": name, "default_variant": variants.by_name(name).default,
+                             "kernels": "+".join(ran)}
+            return out
+
+        fn.row_fields = None
+        return fn
+    return build
+
+
 @dataclasses.dataclass(frozen=True)
 class Net3:
     """The seed's Net3: bias-free layers dims[0] → dims[1] → … → dims[-1], ReLU between, batch rows."""

@@ -107,3 +107,19 @@ def write_plots(results, out_dir):
             written += suite.plot(rows, results, out_dir)
     plot_correctness(results["rows"], results["env"], out_dir / "correctness.png")
     return written + ["correctness.png"]
+
+
+def per_shape_bar_charts(rows, results, out_dir, stem, what, ylabel):
+    """Performance runs only: ``<stem>-<dtype>.png``, ms per activation and implementation, one panel per
+    shape (the backward and forward suites' variant comparisons). Returns the file names written."""
+    env, written = results["env"], []
+    if not env["performance_figures"]:
+        return written
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        sub = [r for r in rows if r["dtype"] == dtype]
+        panels = [(case, [r for r in sub if r["case"] == case]) for case in dict.fromkeys(r["case"] for r in sub)]
+        name = f"{stem}-{dtype}.png"
+        bar_chart(out_dir / name, env, f"{what}, {dtype}; lower is faster", panels, lambda r: r["activation"],
+                  lambda r: r.get("ms"), ylabel, stacked=True)
+        written.append(name)
+    return written

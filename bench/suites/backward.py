@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedad
-from fusedad.kernels import record_launches, variants
+from fusedad.kernels import variants
 
 from .. import report
-from ..impls import ACTIVATION_MODULES, ACTIVATIONS, PLANTED_SCALE
+from ..impls import ACTIVATION_MODULES, ACTIVATIONS, PLANTED_SCALE, forced_variant_build
 from ..plan import DTYPE_NAMES, VARIANT_IMPL, Shape
 from ..runner import Builders, Case, reference_build
 from . import Suite
@@ -89,24 +89,7 @@ def backward_builders(shape, dtype, activation, plan):
         return torch.autograd.grad(y, leaves, dy, retain_graph=True)
 
     def variant_build(name):
-        def build():
-            def fn():
-                if fn.row_fields is None:  # the first call (the check): record what it launches
-                    with variants.use(name), record_launches() as log:
-                        out = grads(y_fused)
-                    ran = [launch.kernel for launch in log]
-                    if name not in ran:
-                        raise RuntimeError(f"variants.use({name!r}) ran {'+'.join(ran) or 'nothing'}: its predicate "
-                                           "does not apply to this case")
-                    fn.row_fields = {"variant": name, "default_variant": variants.by_name(name).default,
-                                     "kernels": "+".join(ran)}
-                    return out
-                with variants.use(name):
-                    return grads(y_fused)
-
-            fn.row_fields = None
-            return fn
-        return build
+        return forced_variant_build(name, lambda: grads(y_fused))
 
     default = next(v.name for v in bwd_variants() if v.default)
 
@@ -140,17 +123,7 @@ def plot(rows, results, out_dir):
     """Performance runs: backward-<dtype>.png, ms per activation and implementation, one panel per shape."""
     from .. import plots
 
-    env, written = results["env"], []
-    if not env["performance_figures"]:
-        return written
-    for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        sub = [r for r in rows if r["dtype"] == dtype]
-        panels = [(case, [r for r in sub if r["case"] == case]) for case in dict.fromkeys(r["case"] for r in sub)]
-        name = f"backward-{dtype}.png"
-        plots.bar_chart(out_dir / name, env, f"backward (dX, dW, db) per variant, {dtype}; lower is faster", panels,
-                        lambda r: r["activation"], lambda r: r.get("ms"), "ms per backward", stacked=True)
-        written.append(name)
-    return written
+    return plots.per_shape_bar_charts(rows, results, out_dir, "backward", "backward (dX, dW, db) per variant", "ms per backward")
 
 
 SUITE = Suite(

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedad
-from fusedad.kernels import record_launches, variants
+from fusedad.kernels import variants
 
 from .. import report
-from ..impls import ACTIVATION_MODULES
+from ..impls import ACTIVATION_MODULES, forced_variant_build
 from ..plan import DTYPE_NAMES, VARIANT_IMPL, Shape
 from ..runner import Builders, Case, reference_build, run_timed
 from . import Suite
@@ -95,24 +95,10 @@ def forward_builders(shape, dtype, activation, plan):
         return fn
 
     def variant_build(name):
-        def build():
-            def fn():
-                with torch.no_grad(), variants.use(name):
-                    if fn.row_fields is not None:
-                        return (fusedad.linear(x, w, b, activation=activation),)
-                    with record_launches() as log:  # the first call (the check): record what it launches
-                        out = (fusedad.linear(x, w, b, activation=activation),)
-                ran = [launch.kernel for launch in log]
-                if name not in ran:
-                    raise RuntimeError(f"variants.use({name!r}) ran {'+'.join(ran) or 'nothing'}: its predicate "
-                                       "does not apply to this case")
-                fn.row_fields = {"variant": name, "default_variant": variants.by_name(name).default,
-                                 "kernels": "+".join(ran)}
-                return out
-
-            fn.row_fields = None
-            return fn
-        return build
+        def call():
+            with torch.no_grad():
+                return (fusedad.linear(x, w, b, activation=activation),)
+        return forced_variant_build(name, call)
 
     out = Builders({"eager": eager})
     if "fusedad" in plan.impls:
@@ -173,17 +159,7 @@ def plot(rows, results, out_dir):
     """Performance runs: forward-<dtype>.png, ms per activation and implementation, one panel per shape."""
     from .. import plots
 
-    env, written = results["env"], []
-    if not env["performance_figures"]:
-        return written
-    for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        sub = [r for r in rows if r["dtype"] == dtype]
-        panels = [(case, [r for r in sub if r["case"] == case]) for case in dict.fromkeys(r["case"] for r in sub)]
-        name = f"forward-{dtype}.png"
-        plots.bar_chart(out_dir / name, env, f"no_grad forward per variant, {dtype}; lower is faster", panels,
-                        lambda r: r["activation"], lambda r: r.get("ms"), "ms per forward", stacked=True)
-        written.append(name)
-    return written
+    return plots.per_shape_bar_charts(rows, results, out_dir, "forward", "no_grad forward per variant", "ms per forward")
 
 
 def _pct_copy(row):
