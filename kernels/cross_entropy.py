@@ -44,9 +44,20 @@ from .linear import INTERPRETER, Launch, dot_precision, linear_backward, needs_i
 
 
 @triton.jit
-def _lce_logits(acc, b_ptr, pid_n, V, stride_b, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
-                INT64: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The logits tile from the GEMM accumulator: (z, tanh(raw/c) or z, offs_n, mask_n)."""
+def _lce_logits(x_ptr, w_ptr, b_ptr, pid_m, pid_n, M, V, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_b,
+                softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, FP64: tl.constexpr,
+                EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One logits tile, Z = X·Wᵀ + b over the full K with the shared tile body, then soft-capped:
+    (z, tanh(raw/c) (z without a softcap), offs_n, mask_n), z in fp32 (fp64 for fp64)."""
+    acc, _unused_t, _unused_rowsum = _gemm_tile(
+        x_ptr, w_ptr, x_ptr, x_ptr, w_ptr,
+        pid_m, pid_n, M, V, K,
+        stride_xm, stride_xk, stride_wk, stride_wn, 0, 0, 0, 0, 0, 0,
+        PROLOGUE_ACT=ACT_NONE, ROWSUM_A=False, WITH_DOT=True, HAS_AT=False, HAS_BT=False,
+        FP64=FP64, EMULATE_BF16=EMULATE_BF16, PRECISION=PRECISION, INT64=INT64,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+    )
     _unused, offs_n = _tile_offsets(pid_n, pid_n, 1, BLOCK_N, INT64)
     mask_n = offs_n < V
     z = acc
@@ -85,16 +96,10 @@ def _lce_fwd_kernel(
     first = split * blocks_per_split
     for n in range(first, tl.minimum(first + blocks_per_split, tl.cdiv(V, BLOCK_N))):
         pid_n = pid_m * 0 + n  # a tensor under the interpreter as on the GPU (_tile_offsets casts it)
-        acc, _unused_t, _unused_rowsum = _gemm_tile(
-            x_ptr, w_ptr, x_ptr, x_ptr, w_ptr,
-            pid_m, pid_n, M, V, K,
-            stride_xm, stride_xk, stride_wk, stride_wn, 0, 0, 0, 0, 0, 0,
-            PROLOGUE_ACT=ACT_NONE, ROWSUM_A=False, WITH_DOT=True, HAS_AT=False, HAS_BT=False,
-            FP64=FP64, EMULATE_BF16=EMULATE_BF16, PRECISION=PRECISION, INT64=INT64,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        )
-        z, _th, offs_n, mask_n = _lce_logits(acc, b_ptr, pid_n, V, stride_b, softcap, HAS_BIAS=HAS_BIAS,
-                                             SOFTCAP=SOFTCAP, INT64=INT64, BLOCK_N=BLOCK_N)
+        z, _th, offs_n, mask_n = _lce_logits(
+            x_ptr, w_ptr, b_ptr, pid_m, pid_n, M, V, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_b, softcap,
+            HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, FP64=FP64, EMULATE_BF16=EMULATE_BF16, PRECISION=PRECISION,
+            INT64=INT64, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
         zm = tl.where(mask_n[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(zm, axis=1))
         s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(zm - m_new[:, None]), axis=1)
@@ -121,16 +126,10 @@ def _lce_dz(x_ptr, w_ptr, b_ptr, cw_ptr, pid_m, pid_n, M, V, K, softcap,
             FP64: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Recompute one logits tile and form dZ in registers (zero outside the matrix): (dz, offs_n, mask_n)."""
-    acc, _unused_t, _unused_rowsum = _gemm_tile(
-        x_ptr, w_ptr, x_ptr, x_ptr, w_ptr,
-        pid_m, pid_n, M, V, K,
-        stride_xm, stride_xk, stride_wk, stride_wn, 0, 0, 0, 0, 0, 0,
-        PROLOGUE_ACT=ACT_NONE, ROWSUM_A=False, WITH_DOT=True, HAS_AT=False, HAS_BT=False,
-        FP64=FP64, EMULATE_BF16=EMULATE_BF16, PRECISION=PRECISION, INT64=INT64,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-    )
-    z, th, offs_n, mask_n = _lce_logits(acc, b_ptr, pid_n, V, stride_b, softcap, HAS_BIAS=HAS_BIAS,
-                                        SOFTCAP=SOFTCAP, INT64=INT64, BLOCK_N=BLOCK_N)
+    z, th, offs_n, mask_n = _lce_logits(
+        x_ptr, w_ptr, b_ptr, pid_m, pid_n, M, V, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_b, softcap,
+        HAS_BIAS=HAS_BIAS, SOFTCAP=SOFTCAP, FP64=FP64, EMULATE_BF16=EMULATE_BF16, PRECISION=PRECISION,
+        INT64=INT64, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     p = tl.exp(z - lse[:, None])
     dz = g_lse[:, None] * p + tl.where(offs_n[None, :] == tgt[:, None], g_zt[:, None], 0.0)
     if HAS_GZS:
