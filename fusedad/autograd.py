@@ -173,7 +173,7 @@ def route(x, weight, bias, act, weight_main_grad=None):
     """
     if torch.compiler.is_compiling():
         if weight_main_grad is not None:
-            raise NotImplementedError("fusedad: weight_main_grad is not supported under torch.compile")
+            x = ops.refuse_main_grad_in_graph(x)  # raises; see ops.refuse_main_grad for why not a plain raise
         # Dynamo: an opaque custom op with registered autograd; its CUDA body is our Triton kernels.
         return ops.linear(x, weight, bias, act)
     if torch.jit.is_tracing():

@@ -104,6 +104,41 @@ def _backward_fwd(ctx, grad_y, grad_z):
 linear_fwd.register_autograd(_backward_fwd, setup_context=_setup_fwd)
 
 
+#: The error for main_grad accumulation inside a captured graph (torch.compile, torch.export).
+MAIN_GRAD_UNDER_COMPILE = (
+    "fusedad: weight_main_grad is not supported under torch.compile or torch.export "
+    "(accumulate_main_grad=True): the captured graph's backward is the custom op's, which returns dW instead "
+    "of adding it into main_grad. Run this layer uncompiled, or set accumulate_main_grad=False (the "
+    "compiled model then fills weight.grad)")
+
+
+@torch.library.custom_op("fusedad::refuse_main_grad", mutates_args=())
+def refuse_main_grad(x: torch.Tensor) -> torch.Tensor:
+    """Raises MAIN_GRAD_UNDER_COMPILE when the compiled graph runs; its fake kernel passes x's shape on.
+
+    Why an op in the graph and not a plain ``raise`` while tracing: Dynamo treats an exception raised by
+    traced Python code as a reason to give up on the frame and run it eagerly, where
+    ``torch.compiler.is_compiling()`` is False. A plain raise therefore fired only under
+    ``fullgraph=True``; without it the eager backend silently trained into main_grad and the interpreter
+    failed inside Triton. As a node of the graph (its output feeds the linear op, so it is never dead
+    code) it raises the same error on every backend, with or without ``fullgraph``.
+    """
+    raise NotImplementedError(MAIN_GRAD_UNDER_COMPILE)
+
+
+@refuse_main_grad.register_fake
+def _refuse_main_grad_fake(x):
+    return torch.empty_like(x)
+
+
+def refuse_main_grad_in_graph(x):
+    """Under torch.export: raise now (export runs this Python once and never falls back). Under
+    torch.compile: x through ``refuse_main_grad``, which raises when the graph runs."""
+    if torch.compiler.is_exporting():
+        raise NotImplementedError(MAIN_GRAD_UNDER_COMPILE)
+    return refuse_main_grad(x)
+
+
 def linear(x, weight, bias, act, store_preact=None):
     """act(x·weightᵀ + bias) through the custom ops: x (M, K), weight (N, K), bias (N,) | None -> (M, N).
 

@@ -269,6 +269,22 @@ def test_export_with_main_grad_raises(device):
 
 
 @device_param
+@pytest.mark.parametrize("fullgraph", [False, True])
+@pytest.mark.parametrize("dynamo_backend", ["eager", "aot_eager"])
+def test_compile_with_main_grad_raises(device, fullgraph, dynamo_backend):
+    """The same error with or without fullgraph, on every Dynamo backend (aot_eager: the AOTAutograd
+    graph Inductor compiles, without its code generation). A plain raise while tracing is skipped by
+    Dynamo without fullgraph (it re-runs the frame eagerly), so this once trained into main_grad on the
+    eager backend and failed inside Triton under the interpreter. The eager backend: EAGER_CHILD."""
+    torch._dynamo.reset()
+    layer = fusedad.nn.Linear(8, 4, device=device, activation="gelu", accumulate_main_grad=True)
+    compiled = torch.compile(layer, fullgraph=fullgraph, backend=dynamo_backend)
+    with pytest.raises(NotImplementedError, match="weight_main_grad is not supported under torch.compile"):
+        compiled(randn(3, 8, device=device)).sum().backward()
+    assert layer.weight.grad is None and not getattr(layer.weight, "main_grad", torch.zeros(1)).any()
+
+
+@device_param
 def test_export_save_load(device, tmp_path):
     ref, model = _models(device)
     batch = torch.export.Dim("batch")
@@ -445,6 +461,17 @@ EAGER_CHILD = textwrap.dedent("""
         for a, b in zip(got, fwd_bwd(ref, x)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     print("threads ok")
+
+    for fullgraph in (False, True):
+        torch._dynamo.reset()
+        layer = fusedad.nn.Linear(8, 4, activation="gelu", accumulate_main_grad=True)
+        try:
+            torch.compile(layer, fullgraph=fullgraph, backend="aot_eager")(x3).sum().backward()
+        except NotImplementedError as e:
+            assert "weight_main_grad is not supported under torch.compile" in str(e), e
+        else:
+            raise AssertionError(f"main_grad under torch.compile(fullgraph={fullgraph}) did not raise")
+    print("compile-main-grad ok")
 """)
 
 
@@ -455,7 +482,8 @@ def test_eager_backend_trace_script_export_threads():
     proc = subprocess.run([sys.executable, "-W", "ignore", "-c", EAGER_CHILD], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["trace", "ok", "script", "ok", "export", "ok", "threads", "ok"], proc.stdout
+    assert proc.stdout.split() == ["trace", "ok", "script", "ok", "export", "ok", "threads", "ok",
+                                  "compile-main-grad", "ok"], proc.stdout
 
 
 # ---- what already worked, kept working ----------------------------------------------------------------
