@@ -15,14 +15,44 @@ import fusedad
 
 from .runner import Builders
 
-#: The eager module for each activation of fusedad's table that has one: what ``fusedad.convert`` fuses
-#: into the preceding Linear (the table's first listed module type, with its attributes). An activation
-#: without a torch module (relu2) cannot be benchmarked as "the eager model fusedad replaces".
-ACTIVATION_MODULES = {a.name: functools.partial(a.modules[0][0], **a.modules[0][1])
-                      for a in fusedad.activations.TABLE if a.modules}
+class TableActivation(nn.Module):
+    """The eager module of an activation torch has no module for (relu2: ``torch.square(F.relu(z))``, the
+    activation table's own torch function). ``fuse`` folds it into the preceding fusedad Linear, as
+    ``fusedad.convert`` does with nn.ReLU / nn.GELU / nn.SiLU."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+        self.fn = fusedad.activations.lookup(name).apply
+
+    def forward(self, z):
+        return self.fn(z)
+
+    def extra_repr(self):
+        return self.name
+
+
+#: The eager module for each activation of fusedad's table: what ``fusedad.convert`` fuses into the
+#: preceding Linear (the table's first listed module type, with its attributes), or a TableActivation
+#: where torch has none (relu2).
+ACTIVATION_MODULES = {a.name: (functools.partial(a.modules[0][0], **a.modules[0][1]) if a.modules
+                               else functools.partial(TableActivation, a.name))
+                      for a in fusedad.activations.TABLE if a.name is not None}
 
 #: Activation choices: "none" (a plain linear) and every activation above.
 ACTIVATIONS = ("none", *ACTIVATION_MODULES)
+
+
+def fuse(model):
+    """``fusedad.convert`` of a new Sequential of ``model``'s children (sharing its Parameters), with every
+    Linear followed by a TableActivation fused as convert fuses the torch activation modules."""
+    out = fusedad.convert(nn.Sequential(*model))
+    for i in range(len(out) - 1):
+        if isinstance(out[i], fusedad.nn.Linear) and out[i].activation is None and isinstance(out[i + 1],
+                                                                                             TableActivation):
+            out[i].activation, out[i + 1] = out[i + 1].name, nn.Identity()
+    return out
+
 
 #: Layer phases and what each runs (bwd: of a forward done once, outside the timing).
 PHASES = {"fwd": "no_grad forward", "bwd": "backward only: dX, dW, db", "fwd+bwd": "both",
@@ -103,11 +133,11 @@ def compiled(fn):
 
 def builders(model, run, plan, compile_build=None, extra=None):
     """{impl: build} for ``plan.impls``, eager first (the reference); ``run(module)`` -> fn. eager runs
-    ``model``; fusedad ``fusedad.convert`` of a new Sequential of the same children (the fused layers
-    share the Parameters); compile ``compiled(model)``, or ``compile_build``; ``extra``: more {impl:
-    build}. ``plan.plant_mismatch`` (a test hook) adds fusedad's result scaled by PLANTED_SCALE."""
+    ``model``; fusedad ``fuse(model)`` (the fused layers share the Parameters); compile
+    ``compiled(model)``, or ``compile_build``; ``extra``: more {impl: build}. ``plan.plant_mismatch`` (a test hook) adds
+    fusedad's result scaled by PLANTED_SCALE."""
     def fused():
-        return run(fusedad.convert(nn.Sequential(*model)))
+        return run(fuse(model))
 
     def planted():
         fn = fused()
