@@ -14,6 +14,9 @@ import numpy as np  # noqa: E402
 from .plan import IMPL_LABELS  # noqa: E402
 from .report import suite_rows  # noqa: E402
 
+#: correctness.png's lowest drawn ratio: a log axis has no 0, so smaller ratios (exact 0 included) sit here.
+PLOT_FLOOR = 1e-6
+
 IMPL_ORDER = ("eager", "fusedad", "compile", "cublaslt", "planted-mismatch")
 COLORS = {"eager": "#7f7f7f", "fusedad": "#d62728", "compile": "#1f77b4", "cublaslt": "#2ca02c",
           "planted-mismatch": "#9467bd"}
@@ -73,26 +76,42 @@ def bar_chart(path, env, what, panels, group, value, ylabel, fmt="{:.3g}", stack
 
 
 def plot_correctness(rows, env, path):
-    """rel_err / tol per implementation (jittered strip, log scale): every point must sit below 1."""
+    """rel_err / tol per implementation (jittered strip, log scale): every point must sit below 1.
+
+    A log axis has no 0, and exact agreement with eager (rel. error 0) is common: ratios below FLOOR are
+    drawn AT FLOOR as hollow down-triangles, with a dotted line and a legend entry saying so (and how
+    many there are); FAIL rows without a number are drawn at 1e3. Long implementation names are broken
+    after their "fusedad:" prefix and slanted, so neighbouring labels never overlap."""
     rows = [r for r in rows if r["impl"] != "eager"]
     impls = impls_in(rows)
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(impls) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(9, 1.0 * len(impls) + 4.5), 5.2))
     rng = np.random.default_rng(0)
-    floor = 1e-6
+    floor = PLOT_FLOOR
+    n_clamped = 0
     for i, impl in enumerate(impls):
         sub = [r for r in rows if r["impl"] == impl]
-        ok = [max(r["rel_err"] / r["tol"], floor) for r in sub if r["status"] == "ok" and r.get("rel_err") is not None]
+        ok = [r["rel_err"] / r["tol"] for r in sub if r["status"] == "ok" and r.get("rel_err") is not None]
+        low = [v for v in ok if v < floor]
+        ok = [v for v in ok if v >= floor]
+        n_clamped += len(low)
         bad = [max(r["rel_err"] / r["tol"], floor) if r.get("rel_err") is not None else 1e3
                for r in sub if r["status"] == "FAIL"]
         n_err = sum(1 for r in sub if r["status"].startswith("ERROR"))
-        ax.scatter(i + rng.uniform(-0.2, 0.2, len(ok)), ok, color=COLORS.get(impl), s=14, label=None)
+        ax.scatter(i + rng.uniform(-0.2, 0.2, len(ok)), ok, color=COLORS.get(impl), s=14)
+        ax.scatter(i + rng.uniform(-0.2, 0.2, len(low)), [floor] * len(low), marker="v", s=18,
+                   facecolors="none", edgecolors=COLORS.get(impl, "black"), linewidths=0.8)
         ax.scatter(i + rng.uniform(-0.2, 0.2, len(bad)), bad, color="red", marker="x", s=40)
-        ax.text(i, 2e3, f"{len(ok)} ok\n{len(bad)} FAIL\n{n_err} ERROR", ha="center", va="bottom", fontsize=7)
-    ax.axhline(1.0, color="red", lw=0.8, ls="--", label="tolerance")
-    ax.set(yscale="log", ylim=(floor / 2, 1e5), xlim=(-0.6, max(len(impls) - 0.4, 0.6)), xticks=range(len(impls)),
+        ax.text(i, 2e3, f"{len(ok) + len(low)} ok\n{len(bad)} FAIL\n{n_err} ERROR", ha="center", va="bottom",
+                fontsize=7)
+    ax.axhline(1.0, color="red", lw=0.8, ls="--", label="tolerance (above: FAIL)")
+    ax.axhline(floor, color="gray", lw=0.6, ls=":")
+    ax.scatter([], [], marker="v", s=18, facecolors="none", edgecolors="black", linewidths=0.8,
+               label=f"below {floor:g} (exact 0 included):\ndrawn at {floor:g}, {n_clamped} points")
+    ax.set(yscale="log", ylim=(floor / 3, 1e5), xlim=(-0.6, max(len(impls) - 0.4, 0.6)), xticks=range(len(impls)),
            ylabel="rel. error vs eager / tolerance")
-    ax.set_xticklabels([IMPL_LABELS.get(i, i) for i in impls], fontsize=8)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_xticklabels([IMPL_LABELS.get(i, i).replace(":", ":\n", 1) for i in impls], fontsize=7, rotation=30,
+                       ha="right", rotation_mode="anchor")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a point
     ax.set_title(title(env, "correctness: ‖out − eager‖/‖eager‖ ÷ dtype tolerance (outputs and gradients)"),
                  fontsize=8)
     save(fig, path)
