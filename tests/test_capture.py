@@ -121,7 +121,7 @@ def test_traced_module_save_load(device, tmp_path):
     loaded = torch.jit.load(path, map_location=device)
     assert "fusedad::linear_fwd" in _ops(loaded.inlined_graph)
     _assert_same_fwd_bwd(loaded, ref, randn(6, 8, device=device))
-    # Without `import fusedad` the op is unknown (what the README tells users).
+    # Without `import fusedad` the op is unknown (what docs/capture-export.md tells users).
     proc = subprocess.run([sys.executable, "-c", f"import torch; torch.jit.load({path!r})"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0 and "Unknown builtin op: fusedad::linear_fwd" in proc.stderr, proc.stderr[-2000:]
