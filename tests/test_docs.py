@@ -43,7 +43,10 @@ def test_example_runs(path, line, marker, code, tmp_path, monkeypatch):
         pytest.skip(MARKERS[marker])
     monkeypatch.chdir(tmp_path)  # an example that saves a file writes it here
     torch.manual_seed(0)
-    exec(compiled, {"__name__": "__docs_example__"})
+    try:
+        exec(compiled, {"__name__": "__docs_example__"})
+    finally:
+        torch._dynamo.reset()  # an example's compiled frames do not count against later tests' recompile limit
 
 
 def test_every_doc_has_its_examples_found():
