@@ -131,6 +131,11 @@ def _refuse_main_grad_fake(x):
     return torch.empty_like(x)
 
 
+# An identity for autograd, so AOTAutograd can trace a graph whose input requires grad (never reached:
+# the forward raises first).
+refuse_main_grad.register_autograd(lambda ctx, grad: grad)
+
+
 def refuse_main_grad_in_graph(x):
     """Under torch.export: raise now (export runs this Python once and never falls back). Under
     torch.compile: x through ``refuse_main_grad``, which raises when the graph runs."""
