@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import linear as _linear
-from .activations import ACT_NONE, _tanh
+from .activations import ACT_NONE, _tanh_accurate
 from .gemm import _gemm_tile, _store_tile, _tile_coords, _tile_offsets
 from .linear import INTERPRETER, Launch, dot_precision, linear_backward, needs_int64
 
@@ -65,7 +65,7 @@ def _lce_logits(x_ptr, w_ptr, b_ptr, pid_m, pid_n, M, V, K, stride_xm, stride_xk
         z += tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
     th = z
     if SOFTCAP:
-        th = _tanh(z / softcap)
+        th = _tanh_accurate(z / softcap)
         z = softcap * th
     return z, th, offs_n, mask_n
 
