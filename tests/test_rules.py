@@ -367,9 +367,10 @@ def _rel(out, ref):
 
 
 def test_large_m_bf16_bias_gradient_is_as_accurate_as_eager():
-    """db = Σ over 8192 rows: fp32 partial sums round once at the end, so our error stays within 1.5× of
-    eager's (measured ≈ 1.0×); 16-bit partial sums (one rounding per 32-row block) are ≈ 2.3× eager's."""
-    M, N = 8192, 16
+    """db = Σ over 8192 rows: fp32 partial sums round once, at the end. Measured ratio of our error to
+    eager's (5 seeds, 64 columns): 0.58–0.75; with 16-bit partial sums (one rounding per 32-row block)
+    1.38–1.89. The bound, 1.15×, separates the two."""
+    M, N = 8192, 64
     z = randn(M, N, dtype=torch.bfloat16)
     dy = randn(M, N, dtype=torch.bfloat16)
     db = torch.empty(N, dtype=torch.bfloat16)
@@ -378,17 +379,20 @@ def test_large_m_bf16_bias_gradient_is_as_accurate_as_eager():
     launchers._dz_pass(dy, z, lookup("gelu"), db, launchers._common_flags(torch.bfloat16, dy, z), None)
     ref = (dy.double() * torch.func.grad(lambda t: torch.nn.functional.gelu(t).sum())(z.double())).sum(0)
     eager = torch.ops.aten.gelu_backward(dy, z).sum(0)
-    assert _rel(db, ref) <= 1.5 * _rel(eager, ref), (_rel(db, ref), _rel(eager, ref))
+    assert _rel(db, ref) <= 1.15 * _rel(eager, ref), (_rel(db, ref), _rel(eager, ref))
 
 
 def test_lm_head_bf16_dx_over_many_chunks_is_as_accurate_as_eager(lce_chunks):
-    """dX summed over 8 class chunks in fp32 and rounded once: within 1.5× of eager's error (measured
-    ≈ 1×); summed in bf16 it is ≈ 4× eager's."""
-    M, K, V = 32, 32, 128
+    """dX summed over 32 class chunks (16 classes each) in fp32 and rounded once. Measured ratio of our
+    error to eager's (4 seeds): 0.67–0.74; summed in bf16 2.18–2.56 (with 8 chunks only 1.11–1.33, too
+    close to tell apart). The bound, 1.5×, separates the two."""
+    M, K, V = 32, 32, 512
     x = randn(M, K, dtype=torch.bfloat16, requires_grad=True)
     w = randn(V, K, dtype=torch.bfloat16, scale=0.3)
     t = torch.randint(0, V, (M,))
-    (dx,) = torch.autograd.grad(fusedad.linear_cross_entropy(x, w, t, reduction="sum"), x)
+    with record_launches() as log:
+        (dx,) = torch.autograd.grad(fusedad.linear_cross_entropy(x, w, t, reduction="sum"), x)
+    assert sum(launch.kernel == "lce_dz" for launch in log) == V // 16
     x64 = x.detach().double().requires_grad_()
     (ref,) = torch.autograd.grad(torch.nn.functional.cross_entropy(x64 @ w.double().t(), t, reduction="sum"), x64)
     xe = x.detach().clone().requires_grad_()
