@@ -289,7 +289,7 @@ def lce_forward(x, weight, bias, target, class_weight, softcap, sum_logits, wrap
     parts = [_linear._alloc((splits, M), x, sd) for _ in range(3 if sum_logits else 2)]
     if M > 0:
         flags = dict(HAS_BIAS=bias is not None, HAS_CW=class_weight is not None, SUM_Z=sum_logits,
-                     SOFTCAP=bool(softcap), **_common(x, weight),
+                     SOFTCAP=bool(softcap), **_common(x, weight, bias, class_weight, target, *parts),
                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         args = (x, weight, _or(bias, x), _or(class_weight, x), target, parts[0], parts[1], parts[-1],
@@ -343,8 +343,8 @@ def lce_backward(x, weight, bias, target, class_weight, softcap, lse, g_lse, g_z
     dz = _linear._alloc((M, step), x) if write_dz else None
     rows = (target, lse, g_lse, g_zt, _or(g_zsum, g_zt))
     flags = dict(HAS_BIAS=bias is not None, HAS_CW=class_weight is not None, HAS_GZS=g_zsum is not None,
-                 SOFTCAP=bool(softcap), WRITE_DZ=write_dz, COMPUTE_DB=need_bias, **_common(x, weight, dz, dx_acc, dw),
-                 **cfg)
+                 SOFTCAP=bool(softcap), WRITE_DZ=write_dz, COMPUTE_DB=need_bias,
+                 **_common(x, weight, bias, class_weight, *rows, dz, dx_acc, dw), **cfg)
     cap = float(softcap or 1.0)
     for v0 in range(0, V, step):
         v1 = min(V, v0 + step)

@@ -539,3 +539,26 @@ def test_convert_carries_every_argument_of_linear(kw):
     assert all(f_attrs[k] == v for k, v in attrs.items())
     assert f_p.keys() == p.keys() and all(f_p[k] is v for k, v in p.items()) and f_b.keys() == b.keys()
     assert fused.weight.dtype == kw.get("dtype", torch.float32)
+
+
+LCE_ROLES = ["x", "weight", "bias", "class_weight", "target"]
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("role", LCE_ROLES)
+def test_lm_head_int64_decision_sees_every_tensor(monkeypatch, direction, role):
+    """The LM head's kernels too: each tensor they address, alone past 2³¹ elements (a strided view),
+    switches their launches to 64-bit offsets."""
+    seen = []
+    monkeypatch.setattr(lce_kernels, "_run", lambda name, kernel, grid, args, flags, *rest: seen.append(flags))
+    monkeypatch.setattr(launchers, "_launch", lambda *a, **k: None)
+    M, K, V = 5, 7, 6
+    x, w = _meta((M, K), role == "x"), _meta((V, K), role == "weight")
+    b, cw = _meta((V,), role == "bias"), _meta((V,), role == "class_weight")
+    t = _meta((M,), role == "target", dtype=torch.int64)
+    if direction == "forward":
+        lce_kernels.lce_forward(x, w, b, t, cw, 0.0, True)
+    else:
+        stats = [_meta((M,)) for _ in range(4)]
+        lce_kernels.lce_backward(x, w, b, t, cw, 0.0, stats[0], stats[1], stats[2], stats[3], True, True, True)
+    assert seen and all(flags["INT64"] for flags in seen), f"{role} past 2³¹ elements: {seen}"
