@@ -183,6 +183,13 @@ def route(x, weight, bias, act, weight_main_grad=None):
         # storage, which a __torch_dispatch__ wrapper does not have).
         return distributed.subclass_linear(x, weight, bias, act, weight_main_grad)
     wrapped = any(is_functorch_tensor(t) for t in (x, weight, bias))
+    if weight_main_grad is not None and is_functorch_tensor(weight):
+        # Inside the transform the backward would add a wrapped dW into a captured buffer, which functorch
+        # refuses with an error that does not name the cause.
+        raise RuntimeError(
+            "fusedad: weight_main_grad (accumulate_main_grad=True) with a weight that a torch.func transform "
+            "differentiates or batches: torch.func returns the weight's gradient instead of accumulating it. "
+            "Call without weight_main_grad inside the transform and add the returned gradient yourself.")
     duals = _forward_tangents(x, weight, bias, wrapped)
     if duals is not None and not any(is_functorch_tensor(t) for pair in duals for t in pair):
         # Forward mode in lockstep: one kernel emits y, z, ẏ and ż from shared X/W tiles.

@@ -17,12 +17,12 @@ class Linear(torch.nn.Linear):
     Args:
         in_features, out_features, bias, device, dtype: as ``torch.nn.Linear``.
         activation: None or a name of ``fusedad.ACTIVATIONS``, applied in the GEMM epilogue.
-        accumulate_main_grad: keep an fp32 ``weight.main_grad`` (allocated on first use) into which the
-            backward kernel adds dW, as Megatron does for bf16 parameters; ``weight.grad`` then stays
-            None. Zero it yourself between optimizer steps (``layer.weight.main_grad.zero_()``). Refused
-            inside ``DistributedDataParallel`` and under FSDP2's ``fully_shard`` (both reduce ``.grad``
-            only) and for DTensor (tensor-parallel) weights; across processes without them, all-reduce
-            ``main_grad`` yourself.
+        accumulate_main_grad: keep an fp32 (fp64 for an fp64 weight) ``weight.main_grad`` (allocated on
+            first use) into which the backward kernel adds dW, as Megatron does for bf16 parameters;
+            ``weight.grad`` then stays None. Zero it yourself between optimizer steps
+            (``layer.weight.main_grad.zero_()``). Refused inside ``DistributedDataParallel`` and under
+            FSDP2's ``fully_shard`` (both reduce ``.grad`` only) and for DTensor (tensor-parallel) weights;
+            across processes without them, all-reduce ``main_grad`` yourself.
 
     Shape:
         input (*, in_features) -> output (*, out_features)
@@ -45,7 +45,9 @@ class Linear(torch.nn.Linear):
             _refuse_main_grad_under_data_parallel(self)
             main_grad = getattr(self.weight, "main_grad", None)
             if main_grad is None:
-                main_grad = self.weight.main_grad = torch.zeros_like(self.weight, dtype=torch.float32)
+                # fp32 for 16-bit and fp32 weights; an fp64 weight keeps fp64 (fp32 would round its dW).
+                acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+                main_grad = self.weight.main_grad = torch.zeros_like(self.weight, dtype=acc)
         return linear(input, self.weight, self.bias, self.activation, weight_main_grad=main_grad)
 
     def extra_repr(self):

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import linear as _linear
-from .activations import ACT_NONE, _tanh
+from .activations import ACT_NONE, _tanh, _tanh_accurate
 from .gemm import _gemm_tile, _store_tile, _tile_coords, _tile_offsets
 from .linear import INTERPRETER, Launch, dot_precision, linear_backward, needs_int64
 
@@ -65,7 +65,14 @@ def _lce_logits(x_ptr, w_ptr, b_ptr, pid_m, pid_n, M, V, K, stride_xm, stride_xk
         z += tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
     th = z
     if SOFTCAP:
-        th = _tanh(z / softcap)
+        if x_ptr.dtype.element_ty == tl.bfloat16 or x_ptr.dtype.element_ty == tl.float16:
+            # 16-bit operands: the short tanh. Its absolute error, ~c·2⁻²⁴ on an fp32 logit, is far below
+            # the operands' own rounding, and the accurate one makes the bf16 forward spill on sm_90
+            # (tests/lce_sm90_compile.py: 255 registers + 8 B of stack, 120 B with int64 offsets; 243 / 250
+            # registers and no stack with this one).
+            th = _tanh(z / softcap)
+        else:
+            th = _tanh_accurate(z / softcap)
         z = softcap * th
     return z, th, offs_n, mask_n
 
@@ -282,7 +289,7 @@ def lce_forward(x, weight, bias, target, class_weight, softcap, sum_logits, wrap
     parts = [_linear._alloc((splits, M), x, sd) for _ in range(3 if sum_logits else 2)]
     if M > 0:
         flags = dict(HAS_BIAS=bias is not None, HAS_CW=class_weight is not None, SUM_Z=sum_logits,
-                     SOFTCAP=bool(softcap), **_common(x, weight),
+                     SOFTCAP=bool(softcap), **_common(x, weight, bias, class_weight, target, *parts),
                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         args = (x, weight, _or(bias, x), _or(class_weight, x), target, parts[0], parts[1], parts[-1],
@@ -336,8 +343,8 @@ def lce_backward(x, weight, bias, target, class_weight, softcap, lse, g_lse, g_z
     dz = _linear._alloc((M, step), x) if write_dz else None
     rows = (target, lse, g_lse, g_zt, _or(g_zsum, g_zt))
     flags = dict(HAS_BIAS=bias is not None, HAS_CW=class_weight is not None, HAS_GZS=g_zsum is not None,
-                 SOFTCAP=bool(softcap), WRITE_DZ=write_dz, COMPUTE_DB=need_bias, **_common(x, weight, dz, dx_acc, dw),
-                 **cfg)
+                 SOFTCAP=bool(softcap), WRITE_DZ=write_dz, COMPUTE_DB=need_bias,
+                 **_common(x, weight, bias, class_weight, *rows, dz, dx_acc, dw), **cfg)
     cap = float(softcap or 1.0)
     for v0 in range(0, V, step):
         v1 = min(V, v0 + step)

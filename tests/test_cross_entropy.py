@@ -352,6 +352,48 @@ def test_forward_one_split_over_several_class_tiles(monkeypatch):
     assert log[0].kernel == "lce_fwd" and log[0].grid == (1, 1)
 
 
+def _far_apart_logits(dtype, big_tile, gap):
+    """Inputs whose logits in one class tile (``big_tile``: 0 = the first of V = 48's three 16-wide tiles,
+    2 = the last) exceed every other logit by about ``gap``, far beyond exp's range (e^88 overflows fp32):
+    a running max lost between class tiles or splits turns the sum of exponentials into inf.
+
+    The other tiles sit at −gap, the big one near 0: logits of magnitude L cost p = exp(z − lse) a relative
+    error of ≈ L·2⁻²⁴ in fp32 (lse is one rounded fp32 number; eager's log_softmax subtracts the max first),
+    which at L = 300 is ≈ 3× eager's dX error — a known limit (docs), not what this test is about."""
+    x, w, b, t = make(dtype=dtype, v=48, ignored=(2,))
+    with torch.no_grad():
+        b.fill_(-gap)
+        b[16 * big_tile:16 * (big_tile + 1)] = 0.0
+    t[0], t[1] = 16 * big_tile + 3, (16 * big_tile + 20) % 48  # one target in the big tile, one outside it
+    return x, w, b, t
+
+
+@needs_kernels
+@pytest.mark.parametrize("softcap", [None, 1000.0])
+@pytest.mark.parametrize("splits", ["one split", "a split per class tile"])
+@pytest.mark.parametrize("big_tile", [0, 2], ids=["largest first", "largest last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_logit_maxima_far_apart_across_class_tiles_and_splits(monkeypatch, dtype, big_tile, splits, softcap):
+    """Maxima 300 apart (softcapped at 1000: still ≈ 290 apart), in both orders, within one program's online
+    log-sum-exp (one split) and across the splits' logsumexp: loss and gradients as eager and fp64."""
+    if splits == "one split":
+        monkeypatch.setattr(lce_kernels, "split_count", lambda *_: 1)
+    x, w, b, t = _far_apart_logits(dtype, big_tile, 300.0)
+    with record_launches() as log:
+        check(x, w, b, t, what=f"gap 300 {splits}", softcap=softcap)
+    fwd = [launch for launch in log if launch.kernel == "lce_fwd"]
+    assert fwd[0].grid[1] == (1 if splits == "one split" else 3)
+
+
+@needs_kernels
+def test_a_one_class_head():
+    """V = 1: every logit is its row's maximum; the loss is 0 and every gradient 0, with label smoothing too."""
+    x, w, b, t = make(v=1, ignored=(2,))
+    t[t != -100] = 0
+    out = check(x, w, b, t, what="one class", reduction="sum", label_smoothing=0.1)
+    assert out.item() == 0
+
+
 @needs_kernels
 def test_one_chunk_by_default(monkeypatch):
     monkeypatch.undo()

@@ -2,7 +2,9 @@
 non-finite values; determinism; gradient accumulation; huge tensors; device context.
 
 ``FUSEDAD_HYPOTHESIS_EXAMPLES`` sets the number of fuzz examples (default 100, ~8 s for CI on two
-cores through the interpreter; raise it for a longer local run).
+cores through the interpreter; raise it for a longer local run). By default the examples are derandomized
+(the same every run) and no example database is kept (conftest.py); ``FUSEDAD_HYPOTHESIS_PROFILE=explore``
+draws fresh random examples and keeps failures in ``.hypothesis/`` to replay them.
 """
 import contextlib
 import os
@@ -96,7 +98,10 @@ def _check_main_grad(x, w, b, act, dy, context):
         like = x.double() if weight is w64 else x
         reference_linear(like.detach(), weight, None if b is None else b.detach().to(weight.dtype), act).backward(
             dy.to(weight.dtype))
-    assert_matches(main_grad, start.double() + w64.grad, start + we.grad.float(), f"main_grad {context}")
+    # main_grad is fp32, but what it adds are products of the operands' dtype (dZ in that dtype, as
+    # eager's): the floor is theirs (with fp32's, 2 of 300 bf16 3×3 seeds failed on unmodified code).
+    assert_matches(main_grad, start.double() + w64.grad, start + we.grad.float(), f"main_grad {context}",
+                   floor_dtype=x.dtype)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
