@@ -102,6 +102,17 @@ def _mlp_down_bwd_kernel(
     tiles_dh = tl.cdiv(M, BLOCK_M) * tl.cdiv(I, BLOCK_N)
     if pid < tiles_dh:
         pid_m, pid_i = _tile_coords(pid, M, I, BLOCK_M, BLOCK_N, GROUP_M)
+        if COMPUTE_DPRE:
+            # dH[m, i] = Σ_n dY[m, n]·W_d[n, i]: A = dY (M×N), B = W_d (N×I) as stored. The pre-activations
+            # are loaded after the loop: held across it they would cost registers the main loop needs.
+            dh, _unused_t, _unused_rowsum = _gemm_tile(
+                dy_ptr, wd_ptr, dy_ptr, dy_ptr, wd_ptr,
+                pid_m, pid_i, M, I, N,
+                stride_dym, stride_dyn, stride_wdn, stride_wdi, 0, 0, 0, 0, 0, 0,
+                PROLOGUE_ACT=ACT_NONE, ROWSUM_A=False, WITH_DOT=True, HAS_AT=False, HAS_BT=False,
+                FP64=FP64, EMULATE_BF16=EMULATE_BF16, PRECISION=PRECISION, INT64=INT64,
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            )
         offs_m, offs_i = _tile_offsets(pid_m, pid_i, BLOCK_M, BLOCK_N, INT64)
         mask_i = offs_i < I
         mask = (offs_m < M)[:, None] & mask_i[None, :]
@@ -118,15 +129,6 @@ def _mlp_down_bwd_kernel(
         if STORE_H:
             _store_tile(h_ptr, offs_m, offs_i, stride_hm, stride_hi, h, mask, EMULATE_BF16)
         if COMPUTE_DPRE:
-            # dH[m, i] = Σ_n dY[m, n]·W_d[n, i]: A = dY (M×N), B = W_d (N×I) as stored.
-            dh, _unused_t, _unused_rowsum = _gemm_tile(
-                dy_ptr, wd_ptr, dy_ptr, dy_ptr, wd_ptr,
-                pid_m, pid_i, M, I, N,
-                stride_dym, stride_dyn, stride_wdn, stride_wdi, 0, 0, 0, 0, 0, 0,
-                PROLOGUE_ACT=ACT_NONE, ROWSUM_A=False, WITH_DOT=True, HAS_AT=False, HAS_BT=False,
-                FP64=FP64, EMULATE_BF16=EMULATE_BF16, PRECISION=PRECISION, INT64=INT64,
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-            )
             if GATED:
                 # ∂H/∂G = U ⊙ act'(G), ∂H/∂U = act(G)
                 dg = chain_activation(dh * u, g, ACT)

@@ -218,7 +218,10 @@ VARIANTS = (
             frozenset({"stride_xk", "stride_wgk", "stride_wuk", "stride_bg", "stride_bu", "stride_hi", "stride_gi",
                        "stride_ui"})),
     # The down projection's dX GEMM, the activation's backward in its epilogue (dG, dU / dZ₁, H, bias partials).
-    Variant("mlp_down_bwd", "mlp_down_bwd", _mlp_down_bwd_kernel, _mlp_down_bwd_grid, configs.candidates,
+    # The epilogue holds ~6 fp32 tiles (dH, G, U, act(G), dG, dU): at 128×128 with 8 warps (64 values per
+    # thread each) it spilled 976 B per thread (sm_90 lowering, Triton 3.9, gelu_tanh); the forward-mode
+    # kernel's register-bounded tiles (≤ 32 accumulator values per thread) are used instead.
+    Variant("mlp_down_bwd", "mlp_down_bwd", _mlp_down_bwd_kernel, _mlp_down_bwd_grid, configs.tangent_candidates,
             _any_layout, frozenset({"stride_dyn", "stride_wdi", "stride_gi", "stride_ui", "stride_dgi", "stride_dui",
                                     "stride_hi"})),
     # dX = dG·W_g + dU·W_u (two accumulators in the dX programs), dW_g and dW_u: one grid.
