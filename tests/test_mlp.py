@@ -414,3 +414,42 @@ def test_bad_arguments_raise_clear_errors():
         gated_mlp(x, wg, wu, wd, "swish")
     with pytest.raises(TypeError, match="int64"):
         gated_mlp(x.long(), wg, wu, wd)
+
+
+# ---- graph capture and docs -------------------------------------------------------------------------
+
+
+def test_compile_fullgraph_forward_and_backward():
+    """torch.compile(fullgraph=True) traces a block without graph breaks (the per-layer custom ops and
+    torch ops; aot_eager: Dynamo and AOTAutograd as Inductor gets them, without its ~30 s CPU codegen)."""
+    t = _inputs("gated", bias=True)
+    f = torch.compile(lambda *a: gated_mlp(*a[:4], "silu", *a[4:]), fullgraph=True, backend="aot_eager")
+    y = f(*t)
+    leaves = [u for u in t if u is not None]
+    grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+    t64 = [u.detach().double().requires_grad_() for u in leaves]
+    ref = ft.reference_block(*t64)
+    ref_grads = torch.autograd.grad(ref, t64, torch.ones_like(ref))
+    assert ft.rel_err(y, ref) < 1e-5
+    assert all(ft.rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+
+
+def test_export_records_the_fused_ops():
+    m = fusedad.nn.MLP(16, 24, activation="gelu_tanh")
+    ep = torch.export.export(m, (torch.randn(4, 16),))
+    ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function" and "fusedad" in str(n.target)]
+    assert ops == ["fusedad.linear_fwd.default"] * 2
+    x = torch.randn(4, 16)  # fresh values, the exported (static) batch size
+    torch.testing.assert_close(ep.module()(x), m(x))
+
+
+def test_docs_examples_run():
+    """Every python block of docs/mlp-blocks.md runs as pasted."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "mlp-blocks.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/mlp-blocks.md block {i}", "exec"), {})
