@@ -53,6 +53,14 @@ class Linear(torch.nn.Linear):
         return text if self.activation is None else f"{text}, activation={self.activation!r}"
 
 
+def _tensor_parallel(block):
+    """True when a parameter is a DTensor at forward time (tensor parallelism; FSDP2 has unsharded its
+    parameters into plain tensors by then)."""
+    from .backend import is_dtensor
+
+    return any(is_dtensor(p) for p in block.parameters())
+
+
 def _main_grads(block, layers):
     """The fp32 ``main_grad`` buffers of the layers that accumulate into one (allocated on first use),
     or None when none does. A block fuses its layers' backward: each child's ``accumulate_main_grad``
@@ -101,6 +109,12 @@ class GatedMLP(torch.nn.Module):
         self.recompute = recompute
 
     def forward(self, input):
+        if _tensor_parallel(self):
+            # DTensor weights (parallelize_module): the plan's input/output conversions are forward hooks of
+            # the children, so run the children (fused linear layers on the local shards) and the gated
+            # product by torch ops.
+            act = activations.lookup(self.activation)
+            return self.down_proj(act.apply(self.gate_proj(input)) * self.up_proj(input))
         layers = (self.gate_proj, self.up_proj, self.down_proj)
         return gated_mlp(input, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.activation,
                          self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias, recompute=self.recompute,
@@ -136,6 +150,8 @@ class MLP(torch.nn.Module):
         self.recompute = recompute
 
     def forward(self, input):
+        if _tensor_parallel(self):  # see GatedMLP.forward
+            return self.fc2(activations.lookup(self.activation).apply(self.fc1(input)))
         return mlp(input, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.activation,
                    recompute=self.recompute, main_grads=_main_grads(self, (self.fc1, self.fc2)))
 
