@@ -91,7 +91,7 @@ def test_quick_run_covers_every_suite_and_labels_cpu_timings(quick_run):
     assert plan.CPU_TIMING_NOTE in proc.stdout
     assert plan.CPU_LABEL in proc.stdout
     assert {r["suite"] for r in results["rows"]} == set(SUITES) == {"modes", "layers", "memory", "backward", "forward",
-                                                                     "lm-head"}
+                                                                     "lm-head", "mlp"}
     # Every phase of the layers suite and every grad mode of Net3 ran.
     assert {r["phase"] for r in results["rows"] if r["suite"] == "layers"} == set(impls.PHASES)
     assert {r["mode"] for r in results["rows"] if r["suite"] == "modes"} == set(impls.MODES)
@@ -385,7 +385,7 @@ def test_cli_help_and_options_apply_to_every_suite_that_has_the_setting():
     assert "--plant-mismatch" not in text  # a test hook, hidden
     args = cli.build_parser().parse_args(["--quick", "--dtype", "fp16", "--impl", "fusedad", "--shape", "2x3x4"])
     p = cli.plan_from_args(args, "cpu")
-    assert p.suites == ("modes", "layers", "memory", "backward", "forward", "lm-head")
+    assert p.suites == ("modes", "layers", "memory", "backward", "forward", "lm-head", "mlp")
     assert all(s["dtypes"] == (torch.float16,) for s in p.settings.values())
     assert p.impls == ("eager", "fusedad") and p.settings["layers"]["shapes"] == (plan.Shape(2, 3, 4),)
     assert p.settings["memory"]["net3"] == impls.TINY_NET3 and "shapes" not in p.settings["memory"]
