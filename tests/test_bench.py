@@ -679,7 +679,7 @@ def test_backward_preset_is_the_protocol_plan():
 
 GPU_RUN = REPO / "bench" / "gpu_run.sh"
 DRY_RUN_STEPS = {"setup": "PASS", "pytest": "skipped (no GPU)", "backward": "PASS", "forward": "PASS",
-                 "train": "PASS",
+                 "train": "PASS", "mlp": "PASS",
                  "memcheck": "skipped (no GPU)", "memcheck-alt-bwd": "skipped (no GPU)", "sanitize-cpu": "PASS",
                  "overhead": "PASS", "lm-head": "PASS"}
 
@@ -688,7 +688,7 @@ def test_gpu_run_script_parses_and_has_help():
     subprocess.run(["bash", "-n", str(GPU_RUN)], check=True)
     text = subprocess.run(["bash", str(GPU_RUN), "--help"], capture_output=True, text=True, check=True).stdout
     for word in ("--dry-run", "OUT=", "PYTEST_LIMIT", "BACKWARD_LIMIT", "FORWARD_LIMIT", "TRAIN_LIMIT", "MEMCHECK_LIMIT",
-                 "OVERHEAD_LIMIT", "LM_HEAD_LIMIT", "TOTAL_LIMIT", "FUSEDAD_AUTOTUNE"):
+                 "OVERHEAD_LIMIT", "LM_HEAD_LIMIT", "MLP_LIMIT", "TOTAL_LIMIT", "FUSEDAD_AUTOTUNE"):
         assert word in text
     assert not (REPO / "bench" / "gpu_check.sh").exists()  # one script
 
