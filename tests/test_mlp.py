@@ -28,8 +28,10 @@ DEEP = (70, 72, 80, 66)
 # the full mode takes ~40 s per block on the CI machines.
 FAST = dict(fast_mode=True)
 FORMS = ["gated", "plain"]
-pytestmark = pytest.mark.skipif(not runs_kernels("cpu"), reason="the block kernels run on CPU only through Triton's "
-                                "interpreter (TRITON_INTERPRET=1, set by conftest when there is no GPU)")
+#: Where the block kernels run: CUDA where there is one, else the CPU through Triton's interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not runs_kernels(DEVICE), reason="no device runs the block kernels here (no GPU, and "
+                                "the interpreter is off: conftest sets TRITON_INTERPRET=1 only without a GPU)")
 
 
 def _block(form):
@@ -37,7 +39,7 @@ def _block(form):
 
 
 def _inputs(form, dtype=torch.float32, shape=SHAPE, **kw):
-    return ft.block_inputs(form == "gated", shape, dtype, **kw)
+    return ft.block_inputs(form == "gated", shape, dtype, device=kw.pop("device", DEVICE), **kw)
 
 
 def _call(form, tensors, act, **kw):
@@ -89,11 +91,11 @@ def test_transposed_strided_and_batched_operands(form):
     same results."""
     M, K, I, N = SHAPE
     _, w_in, w_up, w_out, b_in, b_up, b_out = [t.detach() if t is not None else None for t in _inputs(form)]
-    x = torch.randn(2, M, 2 * K)[:, :, ::2].requires_grad_()  # (2, M, K), K stride 2
+    x = torch.randn(2, M, 2 * K, device=DEVICE)[:, :, ::2].requires_grad_()  # (2, M, K), K stride 2
     w_in = w_in.t().contiguous().t().requires_grad_()  # (I, K) stored (K, I)
     w_out = w_out.t().contiguous().t().requires_grad_()
     w_up = w_up.t().contiguous().t().requires_grad_() if w_up is not None else None
-    dy = torch.randn(N, 2, M).permute(1, 2, 0)  # (2, M, N), non-contiguous
+    dy = torch.randn(N, 2, M, device=DEVICE).permute(1, 2, 0)  # (2, M, N), non-contiguous
     ft.check_block_against_references(_block(form), x, w_in, w_up, w_out, b_in, b_up, b_out, activation="gelu",
                                       gated=form == "gated", dy=dy, context="strided")
 
@@ -265,7 +267,7 @@ def test_double_backward_matches_float64(form):
     """d/dθ of (∂L/∂x · v) — a Hessian-vector product through create_graph=True — against float64."""
     t = [u for u in _inputs(form, torch.float64, shape=(5, 6, 7, 4))]
     t64 = [u.detach().clone().requires_grad_() if u is not None else None for u in t]
-    v = torch.randn(5, 6, dtype=torch.float64)
+    v = torch.randn(5, 6, dtype=torch.float64, device=DEVICE)
     results = []
     for tensors, fn in ((t, lambda ts: _call(form, ts, "gelu")),
                         (t64, lambda ts: ft.reference_block(*ts, activation="gelu", gated=form == "gated"))):
@@ -299,9 +301,9 @@ def test_torch_func_grad_and_vmap():
 
 
 def test_autocast_matches_linear_semantics():
-    """Under CPU autocast (bf16) the block computes in bf16 like nn.Linear, gradients return in fp32."""
+    """Under autocast (bf16) the block computes in bf16 like nn.Linear, gradients return in fp32."""
     t = _inputs("gated", torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         y = ft.call_block(gated_mlp, True, t, "silu")
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
@@ -339,14 +341,14 @@ class _TimmMlp(torch.nn.Module):
 
 
 def test_modules_load_hugging_face_and_timm_state_dicts():
-    x = torch.randn(3, 7, 24)
-    llama = _LlamaMLP(24, 40)
-    ours = fusedad.nn.GatedMLP(24, 40)
+    x = torch.randn(3, 7, 24, device=DEVICE)
+    llama = _LlamaMLP(24, 40).to(DEVICE)
+    ours = fusedad.nn.GatedMLP(24, 40, device=DEVICE)
     ours.load_state_dict(llama.state_dict())
     assert isinstance(ours.gate_proj, fusedad.nn.Linear)
     torch.testing.assert_close(ours(x), llama(x))
-    timm = _TimmMlp(24, 40)
-    ours = fusedad.nn.MLP(24, 40)
+    timm = _TimmMlp(24, 40).to(DEVICE)
+    ours = fusedad.nn.MLP(24, 40, device=DEVICE)
     ours.load_state_dict(timm.state_dict())
     assert ours.fc2.out_features == 24
     torch.testing.assert_close(ours(x), timm(x))
@@ -356,11 +358,11 @@ def test_modules_load_hugging_face_and_timm_state_dicts():
 def test_accumulate_main_grad(form):
     """Children with accumulate_main_grad: dW is added into fp32 main_grad over two micro-batches."""
     torch.manual_seed(1)
-    m = (fusedad.nn.GatedMLP(24, 40, bias=True) if form == "gated" else fusedad.nn.MLP(24, 40)).to(torch.bfloat16)
+    m = (fusedad.nn.GatedMLP(24, 40, bias=True) if form == "gated" else fusedad.nn.MLP(24, 40)).to(DEVICE, torch.bfloat16)
     ref = [p.detach().double().requires_grad_() for p in m.parameters()]
     for layer in m.children():
         layer.accumulate_main_grad = True
-    xs = [torch.randn(9, 24, dtype=torch.bfloat16) for _ in range(2)]
+    xs = [torch.randn(9, 24, dtype=torch.bfloat16, device=DEVICE) for _ in range(2)]
     for x in xs:
         m(x).float().sum().backward()
     names = [n for n, _ in m.named_parameters()]
@@ -387,7 +389,7 @@ def test_eager_backend_has_the_same_semantics(monkeypatch):
     monkeypatch.setitem(backend._BY_DEVICE_TYPE, ("cpu", False), backend._BACKENDS[backend.EAGER])
     assert fusedad.backend(torch.device("cpu")) == "eager"
     for form, packed in (("gated", False), ("gated", True), ("plain", False)):
-        t = _inputs(form, packed=packed)
+        t = _inputs(form, packed=packed, device="cpu")
         with record_launches() as log:
             ft.check_block_against_references(_block(form), *t, activation="relu", gated=form == "gated")
             _, saved = _saved_activation_tensors(lambda: _call(form, t, "relu"), [u for u in t[1:] if u is not None])
@@ -435,11 +437,11 @@ def test_compile_fullgraph_forward_and_backward():
 
 
 def test_export_records_the_fused_ops():
-    m = fusedad.nn.MLP(16, 24, activation="gelu_tanh")
-    ep = torch.export.export(m, (torch.randn(4, 16),))
+    m = fusedad.nn.MLP(16, 24, activation="gelu_tanh", device=DEVICE)
+    ep = torch.export.export(m, (torch.randn(4, 16, device=DEVICE),))
     ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function" and "fusedad" in str(n.target)]
     assert ops == ["fusedad.linear_fwd.default"] * 2
-    x = torch.randn(4, 16)  # fresh values, the exported (static) batch size
+    x = torch.randn(4, 16, device=DEVICE)  # fresh values, the exported (static) batch size
     torch.testing.assert_close(ep.module()(x), m(x))
 
 
