@@ -17,11 +17,12 @@ epilogue. The first-order backward, for plain tensors:
        plain: ``linear_bwd`` on dZ₁: dX = dZ₁·W₁, dW₁ = dZ₁ᵀ·X in one grid
     (a recomputing backward first runs the up projection again)
 
-Composite paths (per-layer ``fusedad.linear`` calls and torch ops, which the autograd engine
-differentiates): double backward (``create_graph=True``, recomputed from the saved inputs), forward-mode
-AD, torch.func transforms, torch.compile / torch.export / torch.jit.trace, and tensor subclasses
-(DTensor): each runs the block as fused linear layers (the plain block's activation still in fc1's
-epilogue), the gated product by torch ops.
+Under torch.compile / torch.export the block is the custom ops of ``mlp_ops.py`` (the same forward and
+backward as bodies). Composite paths (per-layer ``fusedad.linear`` calls and torch ops, which the
+autograd engine differentiates): double backward (``create_graph=True``, recomputed from the saved
+inputs), forward-mode AD, torch.func transforms, torch.jit.trace, and tensor subclasses (DTensor): each
+runs the block as fused linear layers (the plain block's activation still in fc1's epilogue), the gated
+product by torch ops.
 """
 import dataclasses
 
@@ -45,10 +46,20 @@ class BlockSpec:
     recompute: bool = False
 
 
-def _impl(device):
-    """(block kernels or their eager mirror, the single-layer Backend) for tensors on ``device``."""
-    chosen = backend.select(device)
-    return (kernel_mlp if chosen.runs_kernels else eager_mlp), chosen
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """Who runs a block: the block kernels (or their eager mirror), the single-layer Backend, and the
+    extra launch arguments (``wrap``: ``torch.library.wrap_triton`` inside a custom op's body)."""
+
+    blocks: object
+    single: backend.Backend
+    extra: dict = dataclasses.field(default_factory=dict, hash=False)
+
+
+def _impl(device, chosen=None, extra=None):
+    """The Impl for tensors on ``device`` (or for the Backend ``chosen``)."""
+    chosen = chosen or backend.select(device)
+    return Impl(kernel_mlp if chosen.runs_kernels else eager_mlp, chosen, extra or {})
 
 
 def _halves(w_in, w_up, b_in, b_up, spec):
@@ -59,20 +70,27 @@ def _halves(w_in, w_up, b_in, b_up, spec):
     return w_in[:i], w_in[i:], (b_in[:i] if b_in is not None else None), (b_in[i:] if b_in is not None else None)
 
 
-def _up(x, w_in, w_up, b_in, b_up, spec, store_preact):
+def _up(x, w_in, w_up, b_in, b_up, spec, store_preact, impl=None):
     """-> (H, G or Z₁ or None, U or None) by the up-projection kernel."""
-    impl, single = _impl(x.device)
+    impl = impl or _impl(x.device)
     if spec.gated:
         wg, wu, bg, bu = _halves(w_in, w_up, b_in, b_up, spec)
-        return impl.gated_up_forward(x, wg, wu, bg, bu, spec.act, store_preact)
-    h, z, _, _ = single.forward(x, w_in, b_in, spec.act, store_preact=store_preact)
+        return impl.blocks.gated_up_forward(x, wg, wu, bg, bu, spec.act, store_preact, **impl.extra)
+    h, z, _, _ = impl.single.forward(x, w_in, b_in, spec.act, store_preact=store_preact, **impl.extra)
     return h, z, None
+
+
+def forward(x, w_in, w_up, w_out, b_in, b_up, b_out, spec, store_preact, impl=None):
+    """-> (y (M, N), G or Z₁ (M, I) or None, U or None): the up projection, then the down projection."""
+    impl = impl or _impl(x.device)
+    h, g, u = _up(x, w_in, w_up, b_in, b_up, spec, store_preact, impl)
+    y = impl.single.forward(h, w_out, b_out, _NONE, **impl.extra)[0]
+    return y, g, u
 
 
 def forward_no_grad(x, w_in, w_up, w_out, b_in, b_up, b_out, spec):
     """The block with nothing saved and no pre-activation written: y (M, N)."""
-    h, _, _ = _up(x, w_in, w_up, b_in, b_up, spec, store_preact=False)
-    return backend.select(x.device).forward(h, w_out, b_out, _NONE)[0]
+    return forward(x, w_in, w_up, w_out, b_in, b_up, b_out, spec, store_preact=False)[0]
 
 
 class FusedMLPFunction(torch.autograd.Function):
@@ -85,8 +103,7 @@ class FusedMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_in, w_up, w_out, b_in, b_up, b_out, spec, main_grads):
-        h, g, u = _up(x, w_in, w_up, b_in, b_up, spec, store_preact=not spec.recompute)
-        y = backend.select(x.device).forward(h, w_out, b_out, _NONE)[0]
+        y, g, u = forward(x, w_in, w_up, w_out, b_in, b_up, b_out, spec, store_preact=not spec.recompute)
         ctx.spec = spec
         ctx.main_grads = main_grads or (None, None, None)
         ctx.has_b_out = b_out is not None
@@ -105,19 +122,29 @@ class FusedMLPFunction(torch.autograd.Function):
 
 def _fused_backward(ctx, grad_y):
     x, w_in, w_up, w_out, b_in, b_up, g, u = ctx.saved_tensors
-    spec = ctx.spec
-    nx, nwi, nwu, nwo, nbi, nbu, nbo = ctx.needs_input_grad[:7]
-    mg_in, mg_up, mg_out = ctx.main_grads
-    impl, single = _impl(grad_y.device)
+    return backward(grad_y, x, w_in, w_up, w_out, b_in, b_up, g, u, ctx.spec, ctx.needs_input_grad[:7],
+                    ctx.main_grads)
+
+
+def backward(grad_y, x, w_in, w_up, w_out, b_in, b_up, g, u, spec, needs, main_grads=(None, None, None), impl=None):
+    """The block's first-order backward -> (dx, dw_in, dw_up, dw_out, db_in, db_up, db_out), None where
+    ``needs`` (7 bools, in that order) is False or the weight's gradient went into its main_grad buffer.
+    g, u: the saved pre-activations (None with ``spec.recompute``: the up projection runs again)."""
+    impl = impl or _impl(grad_y.device)
+    single, extra = impl.single, impl.extra
+    nx, nwi, nwu, nwo, nbi, nbu, nbo = needs
+    mg_in, mg_up, mg_out = main_grads
     if spec.recompute:
-        _, g, u = _up(x, w_in, w_up, b_in, b_up, spec, store_preact=True)
+        _, g, u = _up(x, w_in, w_up, b_in, b_up, spec, store_preact=True, impl=impl)
     need_pre = nx or nwi or nwu or nbi or nbu
-    dg, du, h, db_in, db_up, db_out = impl.down_backward(
-        grad_y, w_out, g, u, spec.act, need_pre=need_pre, need_h=nwo, need_bias_pre=nbi or nbu, need_bias_down=nbo)
+    dg, du, h, db_in, db_up, db_out = impl.blocks.down_backward(
+        grad_y, w_out, g, u, spec.act, need_pre=need_pre, need_h=nwo, need_bias_pre=nbi or nbu, need_bias_down=nbo,
+        **extra)
     del g, u
     dw_out = None
     if nwo:  # dW_d = dYᵀ·H, added into main_grad if there is one
-        _, dw_out, _ = single.backward(grad_y, h, None, None, _NONE, False, True, False, weight_grad_out=mg_out)
+        _, dw_out, _ = single.backward(grad_y, h, None, None, _NONE, False, True, False, weight_grad_out=mg_out,
+                                       **extra)
     del h
     dx = dw_in = dw_up = None
     if spec.gated and need_pre:
@@ -133,10 +160,10 @@ def _fused_backward(ctx, grad_y):
         if accumulate and not spec.packed and (mg_in is None) != (mg_up is None) and nwi and nwu:
             raise RuntimeError("fusedad: main_grad buffers for the gate and up weights must be given for both or "
                                "neither")
-        dx, dw_g, dw_u = impl.gated_dual_backward(
+        dx, dw_g, dw_u = impl.blocks.gated_dual_backward(
             dg, du, x if (nwi or nwu) else None, wg if nx else None, wu if nx else None, need_x=nx,
             need_gate=nwi, need_up=nwu if not spec.packed else nwi, dwg_out=outs[0], dwu_out=outs[1],
-            accumulate=accumulate)
+            accumulate=accumulate, **extra)
         if spec.packed:
             dw_in = buf if nwi else None
             if nbi:
@@ -146,7 +173,7 @@ def _fused_backward(ctx, grad_y):
             dw_in, dw_up = dw_g, dw_u
     elif need_pre and (nx or nwi):
         dx, dw_in, _ = single.backward(dg, x if nwi else None, w_in if nx else None, None, _NONE, nx, nwi, False,
-                                       weight_grad_out=mg_in)
+                                       weight_grad_out=mg_in, **extra)
     return (dx, None if mg_in is not None else dw_in, None if mg_up is not None else dw_up,
             None if mg_out is not None else dw_out, db_in if nbi else None, db_up if nbu else None,
             db_out if nbo else None)
@@ -208,6 +235,11 @@ def _needs_composite(tensors):
 def block(x, w_in, w_up, w_out, b_in, b_up, b_out, spec, main_grads=None):
     """The block for validated 2-D arguments, on the path the context calls for. -> y (M, N)"""
     tensors = (x, w_in, w_up, w_out, b_in, b_up, b_out)
+    if (torch.compiler.is_compiling() and not any(t is not None and backend.is_dtensor(t) for t in tensors)
+            and not (main_grads and any(m is not None for m in main_grads))):
+        # torch.compile / torch.export (whose non-strict tracing hands us fake tensors): the block's custom
+        # ops (the block kernels on CUDA). DTensors take the composite path below.
+        return mlp_ops.block(*tensors, spec)
     if _needs_composite(tensors):
         if main_grads is not None and any(m is not None for m in main_grads):
             raise NotImplementedError("fusedad: main_grad accumulation in an MLP block under torch.compile, "
@@ -217,3 +249,6 @@ def block(x, w_in, w_up, w_out, b_in, b_up, b_out, spec, main_grads=None):
         return FusedMLPFunction.apply(*tensors, spec, main_grads)
     # no_grad / inference_mode / nothing requires grad: no graph, nothing saved, no pre-activation written.
     return forward_no_grad(*tensors, spec)
+
+
+from . import mlp_ops  # noqa: E402  (registers the block's custom ops; it imports this module)

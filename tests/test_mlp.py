@@ -421,12 +421,20 @@ def test_bad_arguments_raise_clear_errors():
 # ---- graph capture and docs -------------------------------------------------------------------------
 
 
-def test_compile_fullgraph_forward_and_backward():
-    """torch.compile(fullgraph=True) traces a block without graph breaks (the per-layer custom ops and
-    torch ops; aot_eager: Dynamo and AOTAutograd as Inductor gets them, without its ~30 s CPU codegen)."""
+def test_compile_fullgraph_runs_the_block_ops():
+    """torch.compile(fullgraph=True) traces a block as the fusedad::mlp_fwd custom op (its registered
+    backward: fusedad::mlp_bwd) without graph breaks. aot_eager: Dynamo and AOTAutograd as Inductor gets
+    them, without Inductor's ~30 s CPU codegen."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
     t = _inputs("gated", bias=True)
-    f = torch.compile(lambda *a: gated_mlp(*a[:4], "silu", *a[4:]), fullgraph=True, backend="aot_eager")
+    f = torch.compile(lambda *a: gated_mlp(*a[:4], "silu", *a[4:]), fullgraph=True, backend=backend)
     y = f(*t)
+    assert "fusedad.mlp_fwd" in graphs[0] and "linear_fwd" not in graphs[0]
     leaves = [u for u in t if u is not None]
     grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
     t64 = [u.detach().double().requires_grad_() for u in leaves]
@@ -436,11 +444,20 @@ def test_compile_fullgraph_forward_and_backward():
     assert all(ft.rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
 
 
-def test_export_records_the_fused_ops():
+@pytest.mark.parametrize("form,packed,store", [("gated", True, True), ("plain", False, False)])
+def test_opcheck_block_ops(form, packed, store):
+    """Schema, fake (meta) kernels, the registered autograd (fusedad::mlp_bwd, recomputing when nothing was
+    stored) and AOT dispatch of the block's custom ops. (Each opcheck runs the op ~10 times: two cases.)"""
+    t = [u.detach().requires_grad_() if u is not None else None
+         for u in _inputs(form, torch.float64, shape=(5, 6, 7, 4), packed=packed)]
+    torch.library.opcheck(torch.ops.fusedad.mlp_fwd.default, (*t, "gelu", form == "gated", packed, store))
+
+
+def test_export_records_the_block_op():
     m = fusedad.nn.MLP(16, 24, activation="gelu_tanh", device=DEVICE)
     ep = torch.export.export(m, (torch.randn(4, 16, device=DEVICE),))
     ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function" and "fusedad" in str(n.target)]
-    assert ops == ["fusedad.linear_fwd.default"] * 2
+    assert ops == ["fusedad.mlp_fwd.default"]
     x = torch.randn(4, 16, device=DEVICE)  # fresh values, the exported (static) batch size
     torch.testing.assert_close(ep.module()(x), m(x))
 
