@@ -23,6 +23,10 @@
 #   train             python -m bench --suite layers --phase fwd+bwd: the Linear+act train step, fusedad vs eager
 #                     vs torch.compile (default mode), M=256 and M=8192 as backward, gelu_tanh relu, graphs at
 #                     M=256. TRAIN_LIMIT                                                                    55
+#   mlp               python -m bench --suite mlp --impl fusedad: one MLP block's fwd+bwd (gated SwiGLU, plain GELU),
+#                     fusedad.nn.GatedMLP / MLP vs eager nn.Linear+act(+mul), M=8192 and M=256 (Llama-8B: K=4096,
+#                     I=14336), bf16, time and bytes saved for backward; torch.compile not run (its compiles
+#                     would not fit). MLP_LIMIT                                                              40
 #   memcheck          compute-sanitizer --tool memcheck of bench/sanitize_case.py (fwd+bwd+jvp, M=67 K=101 N=83,
 #                     fp32/bf16 x relu/gelu_tanh), the default backward variant. MEMCHECK_LIMIT              30
 #   memcheck-alt-bwd  the same with every non-default backward variant (--bwd-variant others). MEMCHECK_ALT_LIMIT 20
@@ -30,7 +34,7 @@
 #   lm-head           python -m bench --suite lm-head --phase fwd fwd+bwd --impl fusedad: the LM head's loss
 #                     (M=8192, K=4096, V=128256, bf16), fusedad vs eager (and PyTorch's chunked path where the
 #                     torch has it), time and max_memory_allocated. LM_HEAD_LIMIT                           40
-# TOTAL_LIMIT (350) caps the sum: a step gets at most what is left of it (minus 10 s), or is recorded as
+# TOTAL_LIMIT (350) caps the sum (the step limits add up to 390: the last step, lm-head, gets what is left): a step gets at most what is left of it (minus 10 s), or is recorded as
 # "skipped (no time left)". Timing: ROUNDS (5) interleaved rounds of triton.testing.do_bench medians over
 # REP_MS (20) ms each; FUSEDAD_AUTOTUNE defaults to 0 here (heuristic tile configs: every variant on the same
 # tiles, no timing search inside the limits; export FUSEDAD_AUTOTUNE=1 to tune, at ~4x the kernel compiles).
@@ -78,7 +82,7 @@ fi
 if [ "$DRY" = 1 ]; then  # CPU: the interpreter is slow and CI machines are shared; the 2-minute aim is not a limit
   TOTAL_LIMIT=${TOTAL_LIMIT:-750} SETUP_LIMIT=${SETUP_LIMIT:-60} BACKWARD_LIMIT=${BACKWARD_LIMIT:-200}
   FORWARD_LIMIT=${FORWARD_LIMIT:-150} TRAIN_LIMIT=${TRAIN_LIMIT:-150} SANITIZE_CPU_LIMIT=${SANITIZE_CPU_LIMIT:-120}
-  OVERHEAD_LIMIT=${OVERHEAD_LIMIT:-60} LM_HEAD_LIMIT=${LM_HEAD_LIMIT:-120}
+  OVERHEAD_LIMIT=${OVERHEAD_LIMIT:-60} LM_HEAD_LIMIT=${LM_HEAD_LIMIT:-120} MLP_LIMIT=${MLP_LIMIT:-120}
   DEV=cpu ROUNDS=${ROUNDS:-1} REP_MS=${REP_MS:-0}
   SHAPES="8x32x64 64x64x128" GRAPH_M=8 TRAIN_IMPLS="fusedad"
 else
@@ -86,7 +90,7 @@ else
   TOTAL_LIMIT=${TOTAL_LIMIT:-350} SETUP_LIMIT=${SETUP_LIMIT:-10} PYTEST_LIMIT=${PYTEST_LIMIT:-65}
   BACKWARD_LIMIT=${BACKWARD_LIMIT:-65} FORWARD_LIMIT=${FORWARD_LIMIT:-55} TRAIN_LIMIT=${TRAIN_LIMIT:-55}
   MEMCHECK_LIMIT=${MEMCHECK_LIMIT:-30} MEMCHECK_ALT_LIMIT=${MEMCHECK_ALT_LIMIT:-20} OVERHEAD_LIMIT=${OVERHEAD_LIMIT:-10}
-  LM_HEAD_LIMIT=${LM_HEAD_LIMIT:-40}
+  LM_HEAD_LIMIT=${LM_HEAD_LIMIT:-40} MLP_LIMIT=${MLP_LIMIT:-40}
   DEV=cuda ROUNDS=${ROUNDS:-5} REP_MS=${REP_MS:-20}
   SHAPES="256x4096x8192 8192x4096x14336" GRAPH_M=256 TRAIN_IMPLS="fusedad compile"
 fi
@@ -196,6 +200,11 @@ run_step train "$TRAIN_LIMIT" steps.log "$TRAIN_NOTE" \
   --shape $SHAPES --impl $TRAIN_IMPLS --graph-max-m "$GRAPH_M" --rounds "$ROUNDS" --rep-ms "$REP_MS" \
   --out "$SCRATCH/train" --no-plots --no-progress
 [ -f "$SCRATCH/train/results.json" ] && cp "$SCRATCH/train/results.json" "$OUT/train.json"
+
+# -- 4b. one MLP block's training step: fusedad's fused blocks vs eager (time, bytes saved for backward) ----
+run_step mlp "$MLP_LIMIT" steps.log "torch.compile not run (its compiles would not fit the limit)" \
+  "$PY" -m bench --suite mlp --impl fusedad --device "$DEV" --rounds "$ROUNDS" --rep-ms "$REP_MS" \
+  --out "$SCRATCH/mlp" --no-plots --no-progress
 
 # -- 5. compute-sanitizer memcheck, the default and the other backward variants -------------------------
 if [ "$DRY" = 1 ]; then

@@ -77,3 +77,46 @@ def _check_main_grad(main_grad, weight):
         raise RuntimeError(f"fusedad.linear: weight_main_grad must be a floating tensor of the weight's shape "
                            f"{_shape(weight)} on {weight.device}, got {main_grad.dtype} of shape "
                            f"{_shape(main_grad)} on {main_grad.device}")
+
+
+def check_block_args(where, x, weights, biases):
+    """Checks for an MLP block: floating tensors of one supported dtype on one device, shapes chained.
+
+    weights: [(name, tensor, (rows, cols) expected, None for "any")]; biases: [(name, tensor | None, size)].
+    """
+    named = [(n, t) for n, t, _ in weights] + [(n, t) for n, t, _ in biases if t is not None]
+    for name, t in [("input", x)] + named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{where}: {name} has dtype {t.dtype}; supported dtypes are float16, bfloat16, float32 "
+                            "and float64")
+    if x.dim() < 1:
+        raise RuntimeError(f"{where}: input must have at least 1 dimension (*, in_features), got shape {_shape(x)}")
+    for name, t, expected in weights:
+        if t.dim() != 2 or any(e is not None and s != e for s, e in zip(t.shape, expected)):
+            want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+            raise RuntimeError(f"{where}: {name} must have shape {want} to match input of shape {_shape(x)} and the "
+                               f"other weights, got {_shape(t)}")
+    for name, t, size in biases:
+        if t is not None and (t.dim() != 1 or t.shape[0] != size):
+            raise RuntimeError(f"{where}: {name} must have shape ({size},), got {_shape(t)}")
+    everything = [("input", x)] + named
+    if len({t.dtype for _, t in everything}) > 1:
+        got = ", ".join(f"{n}: {t.dtype}" for n, t in everything)
+        raise RuntimeError(f"{where}: expected every tensor to have the same dtype, got {got}")
+    if len({t.device for _, t in everything}) > 1:
+        got = ", ".join(f"{n} on {t.device}" for n, t in everything)
+        raise RuntimeError(f"{where}: expected all tensors on the same device, got {got}")
+
+
+def autocast_all(*tensors):
+    """Autocast's cast for a block's tensors (None entries kept), as nn.Linear would get it."""
+    x = tensors[0]
+    if not isinstance(x, torch.Tensor):
+        return tensors
+    device_type = x.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

@@ -4,7 +4,7 @@ import sys
 import torch
 
 from . import activations, ops
-from .functional import linear
+from .functional import gated_mlp, linear, mlp
 
 
 class Linear(torch.nn.Linear):
@@ -53,6 +53,112 @@ class Linear(torch.nn.Linear):
     def extra_repr(self):
         text = super().extra_repr()
         return text if self.activation is None else f"{text}, activation={self.activation!r}"
+
+
+def _tensor_parallel(block):
+    """True when a parameter is a DTensor at forward time (tensor parallelism; FSDP2 has unsharded its
+    parameters into plain tensors by then)."""
+    from .backend import is_dtensor
+
+    return any(is_dtensor(p) for p in block.parameters())
+
+
+def _main_grads(block, layers):
+    """The fp32 ``main_grad`` buffers of the layers that accumulate into one (allocated on first use),
+    or None when none does. A block fuses its layers' backward: each child's ``accumulate_main_grad``
+    decides for its own weight, as in the child's own forward."""
+    if not any(layer.accumulate_main_grad and layer.weight.requires_grad for layer in layers):
+        return None
+    out = []
+    for layer in layers:
+        if layer.accumulate_main_grad and layer.weight.requires_grad:
+            _refuse_main_grad_under_data_parallel(layer)
+            if getattr(layer.weight, "main_grad", None) is None:
+                layer.weight.main_grad = torch.zeros_like(layer.weight, dtype=torch.float32)
+            out.append(layer.weight.main_grad)
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+class GatedMLP(torch.nn.Module):
+    """``down_proj(act(gate_proj(x)) ⊙ up_proj(x))`` — the Llama/Mistral/Qwen/Gemma MLP, fused.
+
+    Children ``gate_proj``, ``up_proj`` (hidden → intermediate) and ``down_proj`` (intermediate → hidden)
+    are ``fusedad.nn.Linear`` layers, so a Hugging Face ``LlamaMLP`` state_dict loads unchanged. The
+    forward runs ``fusedad.functional.gated_mlp`` on their parameters (the children's own forwards are
+    not called); a child's ``accumulate_main_grad`` is honoured for its weight.
+
+    Args:
+        hidden_size, intermediate_size: K and I.
+        activation: a name of ``fusedad.ACTIVATIONS`` ("silu": SwiGLU; "gelu_tanh"/"gelu": GeGLU; "relu": ReGLU).
+        bias: biases on all three projections.
+        recompute: save only the input for backward; the backward replays the gate/up projection.
+    Shape:
+        input (*, hidden_size) -> output (*, hidden_size)
+    """
+
+    def __init__(self, hidden_size, intermediate_size, activation="silu", bias=False, device=None, dtype=None,
+                 recompute=False):
+        super().__init__()
+        activations.lookup(activation)
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.gate_proj = Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = Linear(intermediate_size, hidden_size, **kw)
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.activation = activation
+        self.recompute = recompute
+
+    def forward(self, input):
+        if _tensor_parallel(self):
+            # DTensor weights (parallelize_module): the plan's input/output conversions are forward hooks of
+            # the children, so run the children (fused linear layers on the local shards) and the gated
+            # product by torch ops.
+            act = activations.lookup(self.activation)
+            return self.down_proj(act.apply(self.gate_proj(input)) * self.up_proj(input))
+        layers = (self.gate_proj, self.up_proj, self.down_proj)
+        return gated_mlp(input, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.activation,
+                         self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias, recompute=self.recompute,
+                         main_grads=_main_grads(self, layers))
+
+    def extra_repr(self):
+        return f"activation={self.activation!r}, recompute={self.recompute}"
+
+
+class MLP(torch.nn.Module):
+    """``fc2(act(fc1(x)))`` — the GPT-2/BERT/ViT MLP (timm's ``Mlp`` layout), fused.
+
+    Children ``fc1`` (in → hidden) and ``fc2`` (hidden → out) are ``fusedad.nn.Linear`` layers, so a timm
+    ``Mlp`` state_dict loads unchanged.
+
+    Args:
+        in_features, hidden_features: K and I; out_features: N (default ``in_features``).
+        activation: None or a name of ``fusedad.ACTIVATIONS`` (default "gelu", erf form as timm/BERT).
+        bias, device, dtype: as ``torch.nn.Linear``.
+        recompute: save only the input for backward; the backward replays fc1.
+    Shape:
+        input (*, in_features) -> output (*, out_features)
+    """
+
+    def __init__(self, in_features, hidden_features, out_features=None, activation="gelu", bias=True, device=None,
+                 dtype=None, recompute=False):
+        super().__init__()
+        activations.lookup(activation)
+        out_features = in_features if out_features is None else out_features
+        self.fc1 = Linear(in_features, hidden_features, bias=bias, device=device, dtype=dtype)
+        self.fc2 = Linear(hidden_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.activation = activation
+        self.recompute = recompute
+
+    def forward(self, input):
+        if _tensor_parallel(self):  # see GatedMLP.forward
+            return self.fc2(activations.lookup(self.activation).apply(self.fc1(input)))
+        return mlp(input, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.activation,
+                   recompute=self.recompute, main_grads=_main_grads(self, (self.fc1, self.fc2)))
+
+    def extra_repr(self):
+        return f"activation={self.activation!r}, recompute={self.recompute}"
 
 
 def _refuse_main_grad_under_data_parallel(layer):

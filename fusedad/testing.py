@@ -12,6 +12,10 @@ verify your own fused linear against float64 and eager PyTorch references:
     ft.gradcheck(my_linear, activation="silu")              # finite differences, float64
     ft.gradgradcheck(my_linear, activation="silu")          # second order
     ft.forward_ad_check(my_linear, activation="silu")       # forward mode (jvp)
+    # MLP blocks: any callable with gated_mlp's (or mlp's) signature
+    ft.check_block_against_references(my_block, *ft.block_inputs(True, (64, 128, 256, 128), torch.bfloat16),
+                                      activation="silu", gated=True)
+    ft.block_gradcheck(my_block, gated=True, activation="silu")
     with ft.poison_outputs():                               # fusedad's kernels fill outputs with NaN first
         ...
 
@@ -157,3 +161,148 @@ def forward_ad_check(linear=_fused_linear, activation=None, shape=(3, 5, 4), dev
     kwargs = dict(dict(check_forward_ad=True, check_backward_ad=False, check_undefined_grad=False,
                        check_batched_grad=False), **kwargs)
     return torch.autograd.gradcheck(lambda x, w, b: linear(x, w, b, activation), inputs, **kwargs)
+
+
+# ---- MLP blocks -------------------------------------------------------------------------------------
+
+
+def reference_block(x, w_in, w_up, w_out, b_in=None, b_up=None, b_out=None, activation="silu", gated=True):
+    """The MLP block with PyTorch's own ops, in the tensors' dtype (autograd-capable).
+
+    gated: ``(act(x·w_inᵀ + b_in) ⊙ (x·w_upᵀ + b_up))·w_outᵀ + b_out`` (w_up None: w_in is a packed
+    (2I, K) gate_up weight, gate rows first, b_in its packed bias); plain: ``act(x·w_inᵀ + b_in)·w_outᵀ
+    + b_out`` (w_up, b_up unused).
+    """
+    act = activations.lookup(activation)
+    if not gated:
+        return F.linear(act.apply(F.linear(x, w_in, b_in)), w_out, b_out)
+    if w_up is None:
+        g, u = F.linear(x, w_in, b_in).chunk(2, dim=-1)
+    else:
+        g, u = F.linear(x, w_in, b_in), F.linear(x, w_up, b_up)
+    return F.linear(act.apply(g) * u, w_out, b_out)
+
+
+def call_block(block, gated, tensors, activation, **kwargs):
+    """block(…) with the functional signature of ``fusedad.functional.gated_mlp`` (gated) or ``mlp``.
+
+    tensors: (x, w_in, w_up, w_out, b_in, b_up, b_out) as in ``reference_block``."""
+    x, w_in, w_up, w_out, b_in, b_up, b_out = tensors
+    if gated:
+        return block(x, w_in, w_up, w_out, activation, b_in, b_up, b_out, **kwargs)
+    return block(x, w_in, b_in, w_out, b_out, activation, **kwargs)
+
+
+def block_inputs(gated, shape, dtype=torch.float32, device="cpu", bias=True, packed=False, requires_grad=True):
+    """Fresh random (x, w_in, w_up, w_out, b_in, b_up, b_out) for a block of shape (M, K, I, N), scaled so
+    that the pre-activations are O(1) (weights ~ 1/√fan_in). packed: w_in is (2I, K), w_up None."""
+    M, K, I, N = shape
+
+    def make(*s, scale=1.0):
+        return (torch.randn(*s, dtype=torch.float64) * scale).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    x = make(M, K)
+    w_in = make(2 * I if (gated and packed) else I, K, scale=K ** -0.5)
+    w_up = make(I, K, scale=K ** -0.5) if gated and not packed else None
+    w_out = make(N, I, scale=I ** -0.5)
+    b_in = make(w_in.shape[0], scale=0.5) if bias else None
+    b_up = make(I, scale=0.5) if bias and gated and not packed else None
+    b_out = make(N, scale=0.5) if bias else None
+    return x, w_in, w_up, w_out, b_in, b_up, b_out
+
+
+def check_block_against_references(block, x, w_in, w_up, w_out, b_in=None, b_up=None, b_out=None, activation="silu",
+                                   gated=True, dy=None, context="", **kwargs):
+    """Forward and every required gradient of ``block`` vs float64 and eager references (``assert_matches``).
+
+    block: a callable with ``fusedad.functional.gated_mlp``'s signature (gated) or ``mlp``'s (plain);
+    kwargs go to it (e.g. recompute=True). dy: (*, N), drawn fresh if None. Returns block's output.
+    """
+    tensors = (x, w_in, w_up, w_out, b_in, b_up, b_out)
+    names = ("input", "w_in", "w_up", "w_out", "b_in", "b_up", "b_out")
+    y = call_block(block, gated, tensors, activation, **kwargs)
+    as64 = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
+    ase = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
+    y64 = reference_block(*as64, activation=activation, gated=gated)
+    ye = reference_block(*ase, activation=activation, gated=gated)
+    assert y.dtype == x.dtype and y.shape == ye.shape, f"{context}: {y.dtype} {tuple(y.shape)} vs {tuple(ye.shape)}"
+    assert_matches(y, y64, ye, f"block forward ({activation}) {context}")
+    wanted = [i for i, t in enumerate(tensors) if t is not None and t.requires_grad]
+    if not wanted:
+        return y
+    if dy is None:
+        dy = torch.randn(y.shape, dtype=torch.float64).to(device=y.device, dtype=y.dtype)
+    grads = torch.autograd.grad(y, [tensors[i] for i in wanted], dy)
+    grads64 = torch.autograd.grad(y64, [as64[i] for i in wanted], dy.double())
+    grads_e = torch.autograd.grad(ye, [ase[i] for i in wanted], dy)
+    for i, g, g64, ge in zip(wanted, grads, grads64, grads_e):
+        assert g.dtype == tensors[i].dtype and g.shape == tensors[i].shape, f"grad of {names[i]} {context}"
+        assert_matches(g, g64, ge, f"block grad of {names[i]} ({activation}) {context}")
+    return y
+
+
+def _float64_block_inputs(gated, activation, shape, device, bias, packed):
+    """block_inputs in float64; for activations flat below 0 (relu, relu2) the gate (fc1) pre-activation is
+    kept ≥ 0.1 away from the kink, so a finite-difference step never crosses it."""
+    t = list(block_inputs(gated, shape, torch.float64, device, bias=True, packed=packed))
+    act = activations.lookup(activation)
+    if act.name is not None and act.apply(torch.tensor(-1.0, dtype=torch.float64)) == 0:
+        with torch.no_grad():
+            i = shape[2]
+            z = F.linear(t[0], t[1], t[4])[:, :i]
+            t[4][:i] += torch.where(z.abs().min(0).values < 0.1, 0.5, 0.0)
+    if not bias:
+        if act.name is not None and act.apply(torch.tensor(-1.0, dtype=torch.float64)) == 0:
+            raise ValueError("a block gradcheck of a relu-like activation needs bias=True (the first bias keeps the "
+                             "pre-activation away from the kink)")
+        t[4] = t[5] = t[6] = None
+    return tuple(t)
+
+
+def block_gradcheck(block=None, gated=True, activation="silu", shape=(3, 4, 5, 4), device="cpu", bias=True,
+                    packed=False, **kwargs):
+    """``torch.autograd.gradcheck`` of an MLP block on fresh float64 inputs. shape: (M, K, I, N).
+
+    block: default ``fusedad.functional.gated_mlp`` (gated) or ``mlp``; kwargs go to gradcheck.
+    """
+    block = block or _default_block(gated)
+    inputs = _float64_block_inputs(gated, activation, shape, device, bias, packed)
+    present = [i for i, t in enumerate(inputs) if t is not None]
+
+    def fn(*args):
+        full = list(inputs)
+        for i, a in zip(present, args):
+            full[i] = a
+        return call_block(block, gated, full, activation)
+
+    return torch.autograd.gradcheck(fn, [inputs[i] for i in present], **kwargs)
+
+
+def block_gradgradcheck(block=None, gated=True, activation="silu", shape=(2, 3, 3, 2), device="cpu", bias=True,
+                        packed=False, **kwargs):
+    """``torch.autograd.gradgradcheck`` (second derivatives) of an MLP block, float64."""
+    block = block or _default_block(gated)
+    inputs = _float64_block_inputs(gated, activation, shape, device, bias, packed)
+    present = [i for i, t in enumerate(inputs) if t is not None]
+
+    def fn(*args):
+        full = list(inputs)
+        for i, a in zip(present, args):
+            full[i] = a
+        return call_block(block, gated, full, activation)
+
+    return torch.autograd.gradgradcheck(fn, [inputs[i] for i in present], **kwargs)
+
+
+def block_forward_ad_check(block=None, gated=True, activation="silu", shape=(3, 4, 5, 4), device="cpu", bias=True,
+                           packed=False, **kwargs):
+    """Forward-mode AD (jvp) of an MLP block against finite differences, float64."""
+    kwargs = dict(dict(check_forward_ad=True, check_backward_ad=False, check_undefined_grad=False,
+                       check_batched_grad=False), **kwargs)
+    return block_gradcheck(block, gated, activation, shape, device, bias, packed, **kwargs)
+
+
+def _default_block(gated):
+    from . import functional
+
+    return functional.gated_mlp if gated else functional.mlp

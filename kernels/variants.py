@@ -19,6 +19,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from . import configs
 from .gemm import (_dz_kernel, _linear_bwd_kernel, _linear_fwd_kernel, _linear_fwd_splitk_kernel,
                    _linear_fwd_splitk_reduce_kernel, _linear_fwd_tangent_kernel, _linear_fwd_tma_kernel)
+from .mlp_gemm import _gated_dual_bwd_kernel, _gated_up_fwd_kernel, _mlp_down_bwd_kernel
 
 _INTERPRETER = isinstance(_linear_fwd_kernel, InterpretedFunction)
 #: Programs of a persistent grid under the interpreter (a GPU gets one per SM): small, but more than one,
@@ -128,6 +129,23 @@ def _backward_grid(p, cfg):
     return (tiles_dx + tiles_dw,)
 
 
+def _mlp_down_bwd_grid(p, cfg):
+    """dH tiles over (M, I) (Problem N = I, K = the block's output width), then, for the output bias,
+    one program per (BLOCK_M × BLOCK_N) tile of dY (M, K)."""
+    tiles = triton.cdiv(p.M, cfg.BLOCK_M) * triton.cdiv(p.N, cfg.BLOCK_N)
+    if p.flags["BIAS_DOWN"]:
+        tiles += triton.cdiv(p.M, cfg.BLOCK_M) * triton.cdiv(p.K, cfg.BLOCK_N)
+    return (tiles,)
+
+
+def _gated_dual_bwd_grid(p, cfg):
+    """dX tiles (M×K), then dW_g and dW_u tiles (I×K each), each segment only if requested (N = I)."""
+    f = p.flags
+    tiles_w = triton.cdiv(p.N, cfg.BLOCK_M) * triton.cdiv(p.K, cfg.BLOCK_N)
+    tiles = triton.cdiv(p.M, cfg.BLOCK_M) * triton.cdiv(p.K, cfg.BLOCK_N) if f["COMPUTE_DX"] else 0
+    return (tiles + tiles_w * (int(f["COMPUTE_DWG"]) + int(f["COMPUTE_DWU"])),)
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str  #: recorded in each Launch and part of the autotune key
@@ -194,6 +212,23 @@ VARIANTS = (
             _BWD_UNIT_STRIDES, default=False),
     Variant("linear_dz", "dz", _dz_kernel, _forward_grid, configs.elementwise_candidates, _any_layout,
             frozenset({"stride_dyn", "stride_sn", "stride_dzn"})),
+    # MLP blocks (kernels/mlp_gemm.py). The gated up projection: gate and up tiles from one X tile (two
+    # accumulators, so the forward-mode kernel's register-bounded tiles), H = act(G) ⊙ U in the epilogue.
+    Variant("mlp_gated_up", "mlp_up", _gated_up_fwd_kernel, _forward_grid, configs.tangent_candidates, _any_layout,
+            frozenset({"stride_xk", "stride_wgk", "stride_wuk", "stride_bg", "stride_bu", "stride_hi", "stride_gi",
+                       "stride_ui"})),
+    # The down projection's dX GEMM, the activation's backward in its epilogue (dG, dU / dZ₁, H, bias partials).
+    # The epilogue holds ~6 fp32 tiles (dH, G, U, act(G), dG, dU): at 128×128 with 8 warps (64 values per
+    # thread each) it spilled 976 B per thread (sm_90 lowering, Triton 3.9, gelu_tanh); the forward-mode
+    # kernel's register-bounded tiles (≤ 32 accumulator values per thread) are used instead.
+    Variant("mlp_down_bwd", "mlp_down_bwd", _mlp_down_bwd_kernel, _mlp_down_bwd_grid, configs.tangent_candidates,
+            _any_layout, frozenset({"stride_dyn", "stride_wdi", "stride_gi", "stride_ui", "stride_dgi", "stride_dui",
+                                    "stride_hi"})),
+    # dX = dG·W_g + dU·W_u (two accumulators in the dX programs), dW_g and dW_u: one grid.
+    Variant("mlp_gated_dual_bwd", "mlp_dual_bwd", _gated_dual_bwd_kernel, _gated_dual_bwd_grid,
+            configs.tangent_candidates, _any_layout,
+            frozenset({"stride_dgi", "stride_dui", "stride_xk", "stride_wgk", "stride_wuk", "stride_dxk", "stride_dwgk",
+                       "stride_dwuk"})),
 )
 
 

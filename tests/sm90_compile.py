@@ -160,6 +160,9 @@ def launch_flags(variant, dtype, act, overrides=None):
                             DACT_FROM_Y=a.saves == "y"),
         "bwd": dict(COMPUTE_DX=True, COMPUTE_DW=True, COMPUTE_DB=True, ACCUMULATE_DX=False, ACCUMULATE_DW=False),
         "dz": dict(WRITE_DZ=a.saves is not None, COMPUTE_DB=True),
+        "mlp_up": dict(HAS_BG=True, HAS_BU=True, STORE_PRE=True),
+        "mlp_down_bwd": dict(GATED=True, COMPUTE_DPRE=True, STORE_H=True, BIAS_PRE=True, BIAS_DOWN=True),
+        "mlp_dual_bwd": dict(COMPUTE_DX=True, COMPUTE_DWG=True, COMPUTE_DWU=True, ACCUMULATE_DW=False),
     }[variant.direction])
     flags.update(variant.flags)  # the row's own flags (WARP_SPECIALIZE)
     flags.update({k: v for k, v in (overrides or {}).items() if not k.endswith("_ptr")})
@@ -167,6 +170,10 @@ def launch_flags(variant, dtype, act, overrides=None):
         flags.update(ACT=lookup(None).kernel_id, COMPUTE_DB=False)
     return flags
 
+
+#: Pointers whose element type is not the operand dtype: the MLP down kernel's bias partial sums are fp32
+#: (fp64 for fp64 operands), as ``kernels/mlp.py`` allocates them.
+ACC_POINTERS = ("dbg_ptr", "dbu_ptr", "dbd_ptr")
 
 _COMPILED = {}  # (kernel, signature, constexprs, options) -> compiled kernel: each specialisation compiles once
 
@@ -195,7 +202,8 @@ def compile_variant(name, dtype, act, overrides, cfg):
             signature[arg] = "constexpr"
             constexprs[arg] = 1
         else:
-            signature[arg] = overrides.get(arg, PTR[dtype]) if arg.endswith("_ptr") else (
+            default_ptr = ("*fp64" if dtype == "fp64" else "*fp32") if arg in ACC_POINTERS else PTR[dtype]
+            signature[arg] = overrides.get(arg, default_ptr) if arg.endswith("_ptr") else (
                 "i64" if flags["INT64"] else "i32")
             attrs[(i,)] = [["tt.divisibility", 16]]
     options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -91,7 +91,7 @@ def test_quick_run_covers_every_suite_and_labels_cpu_timings(quick_run):
     assert plan.CPU_TIMING_NOTE in proc.stdout
     assert plan.CPU_LABEL in proc.stdout
     assert {r["suite"] for r in results["rows"]} == set(SUITES) == {"modes", "layers", "memory", "backward", "forward",
-                                                                     "lm-head"}
+                                                                     "lm-head", "mlp"}
     # Every phase of the layers suite and every grad mode of Net3 ran.
     assert {r["phase"] for r in results["rows"] if r["suite"] == "layers"} == set(impls.PHASES)
     assert {r["mode"] for r in results["rows"] if r["suite"] == "modes"} == set(impls.MODES)
@@ -388,7 +388,7 @@ def test_cli_help_and_options_apply_to_every_suite_that_has_the_setting():
     assert "--plant-mismatch" not in text  # a test hook, hidden
     args = cli.build_parser().parse_args(["--quick", "--dtype", "fp16", "--impl", "fusedad", "--shape", "2x3x4"])
     p = cli.plan_from_args(args, "cpu")
-    assert p.suites == ("modes", "layers", "memory", "backward", "forward", "lm-head")
+    assert p.suites == ("modes", "layers", "memory", "backward", "forward", "lm-head", "mlp")
     assert all(s["dtypes"] == (torch.float16,) for s in p.settings.values())
     assert p.impls == ("eager", "fusedad") and p.settings["layers"]["shapes"] == (plan.Shape(2, 3, 4),)
     assert p.settings["memory"]["net3"] == impls.TINY_NET3 and "shapes" not in p.settings["memory"]
@@ -682,7 +682,7 @@ def test_backward_preset_is_the_protocol_plan():
 
 GPU_RUN = REPO / "bench" / "gpu_run.sh"
 DRY_RUN_STEPS = {"setup": "PASS", "pytest": "skipped (no GPU)", "backward": "PASS", "forward": "PASS",
-                 "train": "PASS",
+                 "train": "PASS", "mlp": "PASS",
                  "memcheck": "skipped (no GPU)", "memcheck-alt-bwd": "skipped (no GPU)", "sanitize-cpu": "PASS",
                  "overhead": "PASS", "lm-head": "PASS"}
 
@@ -691,7 +691,7 @@ def test_gpu_run_script_parses_and_has_help():
     subprocess.run(["bash", "-n", str(GPU_RUN)], check=True)
     text = subprocess.run(["bash", str(GPU_RUN), "--help"], capture_output=True, text=True, check=True).stdout
     for word in ("--dry-run", "OUT=", "PYTEST_LIMIT", "BACKWARD_LIMIT", "FORWARD_LIMIT", "TRAIN_LIMIT", "MEMCHECK_LIMIT",
-                 "OVERHEAD_LIMIT", "LM_HEAD_LIMIT", "TOTAL_LIMIT", "FUSEDAD_AUTOTUNE"):
+                 "OVERHEAD_LIMIT", "LM_HEAD_LIMIT", "MLP_LIMIT", "TOTAL_LIMIT", "FUSEDAD_AUTOTUNE"):
         assert word in text
     assert not (REPO / "bench" / "gpu_check.sh").exists()  # one script
 

@@ -543,11 +543,78 @@ def test_ddp_refuses_main_grad_accumulation(ranks):
     assert layer.weight.main_grad.abs().sum() > 0
 
 
+# ---- fused MLP blocks (fusedad.nn.GatedMLP) under DDP, FSDP2 and tensor parallelism --------------------
+
+
+def _gated_block():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return fusedad.nn.GatedMLP(8, 12, activation="silu", bias=True)
+
+
+def _block_case():
+    return dict(x=randn(8, 8), target=randn(8, 8))
+
+
+def _check_blocks(rank, case):
+    """One GatedMLP step under each setup; the launches say whether the block kernels or the composite
+    per-layer path ran."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rows = slice(rank * 4, rank * 4 + 4)
+    out = {}
+    setups = {
+        "ddp": lambda m: DDP(m),
+        "fsdp2": lambda m: fully_shard(m),
+        # the standard MLP plan: gate and up column-wise (I sharded), down row-wise (a partial sum reduced)
+        "tp": lambda m: parallelize_module(m, _mesh(), {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(),
+                                                         "down_proj": RowwiseParallel()}),
+    }
+    for name, wrap in setups.items():
+        block = _gated_block()
+        model = wrap(block)
+        x, target = (case["x"], case["target"]) if name == "tp" else (case["x"][rows], case["target"][rows])
+        with record_launches() as log:
+            y = model(x)
+            loss = F.mse_loss(y, target)
+            loss.backward()
+        out[name] = dict(loss=_full(loss.detach())[0], grads=_grads(block), kernels=sorted({l.kernel for l in log}))
+    return out
+
+
 CASES = {"combos": _combo_case, "op_cache": _op_cache_case, "tp_mlp": _tp_case, "sequence_parallel": _sp_case,
-         "fsdp2": _dp_case, "ddp": _dp_case}
+         "fsdp2": _dp_case, "ddp": _dp_case, "blocks": _block_case}
 CHECKS = {"combos": _check_combos, "op_cache": _check_op_cache, "tp_mlp": _check_tp_mlp,
           "sequence_parallel": _check_sequence_parallel_mlp, "main_grad_tp": _check_main_grad_tp,
-          "fsdp2": _check_fsdp2, "ddp": _check_ddp}
+          "fsdp2": _check_fsdp2, "ddp": _check_ddp, "blocks": _check_blocks}
+
+
+@needs_gloo
+@pytest.mark.parametrize("setup", ["ddp", "fsdp2", "tp"])
+def test_gated_mlp_block_matches_single_process(ranks, setup):
+    """DDP and FSDP2 (each rank half the batch, gradients averaged) run the block kernels; tensor
+    parallelism (DTensor weights) runs the composite per-layer path on the local shards. Each equals one
+    process on the global batch."""
+    case = ranks.cases["blocks"]
+    ref = _gated_block()
+    loss = F.mse_loss(ref(case["x"]), case["target"])
+    loss.backward()
+    results = [r[setup] for r in ranks("blocks")]
+    if setup == "tp":
+        for r in results:
+            torch.testing.assert_close(r["loss"], loss.detach())
+    else:
+        torch.testing.assert_close(sum(r["loss"] for r in results) / WORLD, loss.detach())
+    for r in results:
+        _assert_grads_match(r["grads"], ref, rtol=1e-5, atol=1e-6)
+        block_kernels = {"mlp_gated_up", "mlp_down_bwd", "mlp_gated_dual_bwd"}
+        if setup == "tp":
+            assert not block_kernels & set(r["kernels"]), r["kernels"]
+            assert any(k.startswith("linear_fwd") for k in r["kernels"]), r["kernels"]  # fused layers on shards
+        else:
+            assert block_kernels <= set(r["kernels"]), r["kernels"]
 
 
 # ---- other tensor subclasses --------------------------------------------------------------------------

@@ -65,10 +65,12 @@ def test_loop_report_default_variants_within_budget(compiled):
         # Every GEMM variant has a tensor-core main loop (two in the backward: dX, dW; two in the
         # warp-specialised forward: its two consumer warpgroups); the elementwise passes (dZ, the split-K
         # reduction) none.
+        # The MLP dual backward: the dX programs' two products (gate, up), then one loop for dW_g and dW_u.
         expected = {"linear_dz": 0, "linear_fwd_splitk_reduce": 0, "linear_bwd": 2, "linear_bwd_prologue": 2,
-                    "linear_fwd_tma_ws": 2 if "cta" in r else 1}
+                    "linear_fwd_tma_ws": 2 if "cta" in r else 1, "mlp_gated_dual_bwd": 3}
         assert len(r["loops"]) == expected.get(r["variant"], 1), r
-        per_loop = {"linear_fwd_tangent": 3, "linear_fwd_tma_ws": 1 / len(r["loops"]) if r["loops"] else 1}
+        # (the gated up projection: the gate and the up product share the X tile: two per iteration)
+        per_loop = {"linear_fwd_tangent": 3, "mlp_gated_up": 2, "linear_fwd_tma_ws": 1 / len(r["loops"]) if r["loops"] else 1}
         for lp in r["loops"]:
             # The MMA work counted from the SASS is the tile's product (three of them in forward mode; split
             # between the consumers of the warp-specialised kernel).
@@ -78,7 +80,8 @@ def test_loop_report_default_variants_within_budget(compiled):
     # The warp-specialised forward is attributed at its compute-bound tile (partitions, producer, CTA line).
     assert any("cta" in r and r["gated"] for r in report if r["variant"] == "linear_fwd_tma_ws")
     assert {r["variant"] for r in report if r["gated"]} >= {"linear_fwd", "linear_bwd", "linear_fwd_tma",
-                                                            "linear_fwd_tma_persistent", "linear_fwd_tma_ws"}
+                                                            "linear_fwd_tma_persistent", "linear_fwd_tma_ws",
+                                                            "mlp_gated_up", "mlp_down_bwd", "mlp_gated_dual_bwd"}
     def why(r):
         parts = [f"{lp['instructions']} instructions > budget {lp['budget']}" for lp in r["loops"]
                  if lp["verdict"] == "over"]
