@@ -16,7 +16,7 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from . import configs
+from . import configs, torch_rows
 from .gemm import (_dz_kernel, _linear_bwd_kernel, _linear_fwd_kernel, _linear_fwd_splitk_kernel,
                    _linear_fwd_splitk_reduce_kernel, _linear_fwd_tangent_kernel, _linear_fwd_tma_kernel)
 
@@ -132,7 +132,7 @@ def _backward_grid(p, cfg):
 class Variant:
     name: str  #: recorded in each Launch and part of the autotune key
     direction: str  #: "fwd", "fwd_tangent" or "bwd"
-    kernel: object  #: the ``@triton.jit`` kernel
+    kernel: object  #: the ``@triton.jit`` kernel (None for a torch row)
     grid: Callable  #: grid(problem, cfg) -> (programs,)
     config_space: Callable  #: config_space(M, N, K, dtype) -> [TileConfig, ...], the heuristic's pick first
     applies: Callable  #: applies(problem) -> bool
@@ -151,6 +151,12 @@ class Variant:
     #: constexpr flags fixed by this row (e.g. ``WARP_SPECIALIZE``: two rows, one kernel), passed by name
     #: beside the call's flags (and recorded with them in a ``Launch``).
     flags: Mapping = dataclasses.field(default_factory=dict, hash=False)
+    #: a torch row: torch(problem) computes the launch with torch ops (``torch_rows.py``) instead of a kernel
+    torch: Optional[Callable] = None
+
+    @property
+    def is_torch(self):
+        return self.torch is not None
 
     def __post_init__(self):
         object.__setattr__(self, "flags", types.MappingProxyType(dict(self.flags)))
@@ -161,7 +167,18 @@ _BWD_UNIT_STRIDES = frozenset({"stride_dyn", "stride_xk", "stride_wk", "stride_s
 
 _FWD_UNIT_STRIDES = frozenset({"stride_xk", "stride_wk", "stride_b", "stride_yn", "stride_zn"})
 
+def _no_grid(p, cfg):
+    return (1,)
+
+
 VARIANTS = (
+    # torch's own product (cuBLAS on CUDA): never the default; the tuner keeps it for a key only when it
+    # timed it faster than every Triton row timed there (it is listed first among the non-default rows
+    # so that the bounded tuning space always holds it). Not offered inside a torch.compile trace.
+    Variant("linear_fwd_torch", "fwd", None, _no_grid, configs.torch_config, torch_rows.applies_forward,
+            default=False, torch=torch_rows.forward),
+    Variant("linear_bwd_torch", "bwd", None, _no_grid, configs.torch_config, torch_rows.applies_backward,
+            default=False, torch=torch_rows.backward),
     # Decode (M ≤ 16): split-K so that ≥ 2 waves of CTAs stream the weight; a fixed-order reduction with
     # the epilogue follows (the row below). Any strides (pointer loads through the shared tile body).
     Variant("linear_fwd_splitk", "fwd", _linear_fwd_splitk_kernel, _splitk_grid, configs.decode_candidates,
@@ -228,12 +245,18 @@ def by_name(name):
     raise KeyError(f"fusedad: no kernel variant named {name!r}; the table has {[v.name for v in VARIANTS]}")
 
 
+def _offered(variant, descriptors):
+    """descriptors=False (inside a torch.compile trace): neither a row that builds tensor descriptors
+    nor a torch row (the compiled graph keeps the Triton launch it was traced with)."""
+    return descriptors or not (variant.descriptors or variant.is_torch)
+
+
 def select(direction, problem, descriptors=True):
     """The variant forced by ``use`` if it applies, else the first default variant of ``direction``
-    that applies to ``problem``. descriptors=False: none that builds tensor descriptors."""
+    that applies to ``problem``. descriptors=False: none that builds tensor descriptors, no torch row."""
     def ok(variant):
         # (the descriptor check first: inside a trace the tensors may be fake, without a data pointer)
-        return (descriptors or not variant.descriptors) and variant.applies(problem)
+        return _offered(variant, descriptors) and variant.applies(problem)
 
     forced = _FORCED.get(direction)
     if forced is not None:
@@ -262,7 +285,6 @@ def tuning_space(direction, problem, descriptors=True):
     pairs = [(first, c) for c in first.config_space(p.M, p.N, p.K, p.dtype)]
     if _FORCED.get(direction) is None:
         for v in VARIANTS:
-            if (v.direction == direction and v is not first and (descriptors or not v.descriptors)
-                    and v.applies(p)):
+            if v.direction == direction and v is not first and _offered(v, descriptors) and v.applies(p):
                 pairs += [(v, c) for c in v.config_space(p.M, p.N, p.K, p.dtype)[:OTHER_VARIANT_CONFIGS]]
     return pairs[:MAX_TUNING_PAIRS]
