@@ -2,7 +2,7 @@
 import math
 
 from . import activations
-from ._validate import cast_and_check
+from ._validate import cast_and_check, common_2d_call
 from .autograd import route
 
 
@@ -29,6 +29,8 @@ def linear(input, weight, bias=None, activation=None, *, weight_main_grad=None):
     in the original dtypes.
     """
     act = activations.lookup(activation)  # raises on an unknown name
+    if weight_main_grad is None and common_2d_call(input, weight, bias):
+        return route(input, weight, bias, act)  # the per-call fast path: nothing to cast, fold or expand
     input, weight, bias = cast_and_check(input, weight, bias, weight_main_grad)
 
     vector_weight = weight.dim() == 1
