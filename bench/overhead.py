@@ -2,6 +2,10 @@
 
     python -m bench.overhead            # CUDA: our Triton kernels vs cuBLAS; CPU: fusedad's eager backend
                                         # (TRITON_INTERPRET unset) vs nn.Linear — the Python/autograd cost
+    python -m bench.overhead --device cpu --launcher
+                                        # CPU: the launcher's own cost — the CUDA path of kernels/linear.py
+                                        # (variant and config lookup in a tuned cache, int64 decision,
+                                        # flags, allocation, launch log) with every Triton launch a no-op
 
 The two are interleaved (A B A B …) over many repetitions and the median per call is reported, for the
 forward under no_grad, the forward with autograd recording, and forward+backward. What it isolates on
@@ -9,8 +13,12 @@ CPU: argument checks, dispatch, the autograd Function and its saved tensors — 
 around the arithmetic. Custom ops are never on this path (they are only used under torch.compile).
 """
 import argparse
+import contextlib
+import dataclasses
 import json
+import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -68,6 +76,48 @@ def measure(device, in_features=64, out_features=64, batch=8, rounds=30, calls=2
     return out
 
 
+class _NoLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def stubbed_launcher(cache_dir):
+    """fusedad's CUDA launch path on CPU tensors, every Triton launch a no-op: the kernels backend for CPU
+    tensors, the launcher's CUDA branch (autotuning on: the first call of a key "tunes" with a timer that
+    keeps the heuristic's pick, later calls are cache hits, as in a tuned process), a fixed device name.
+    What remains is the host work the launcher adds around a launch."""
+    import importlib
+
+    backend = importlib.import_module("fusedad.backend")  # (fusedad.backend is also a function)
+    from fusedad.kernels import configs, variants
+    from fusedad.kernels import linear as launcher
+
+    saved = dict(interp=launcher.INTERPRETER, name=launcher._device_name, bench=launcher._do_bench,
+                 rows=variants.VARIANTS, sms=variants.num_sms, cpu=backend._CPU, env=os.environ.get("FUSEDAD_CACHE_DIR"))
+    os.environ["FUSEDAD_CACHE_DIR"] = cache_dir
+    configs.clear_cache()
+    launcher.INTERPRETER = False
+    launcher._device_name = lambda index: "stub"
+    launcher._do_bench = lambda fn: 1.0  # every pair ties: the heuristic's (first) pair is kept
+    variants.num_sms = lambda problem: 132  # an H100 SXM's / H200's count (the split-K decode plan reads it)
+    variants.VARIANTS = tuple(dataclasses.replace(v, kernel=_NoLaunch()) if v.kernel is not None else v
+                              for v in saved["rows"])
+    backend._CPU = backend._BACKENDS[backend.TRITON]
+    try:
+        yield
+    finally:
+        launcher.INTERPRETER, launcher._device_name, launcher._do_bench = saved["interp"], saved["name"], saved["bench"]
+        variants.VARIANTS, variants.num_sms, backend._CPU = saved["rows"], saved["sms"], saved["cpu"]
+        configs.clear_cache()
+        if saved["env"] is None:
+            os.environ.pop("FUSEDAD_CACHE_DIR", None)
+        else:
+            os.environ["FUSEDAD_CACHE_DIR"] = saved["env"]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,26 +125,36 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=30, help="interleaved rounds (default 30)")
     p.add_argument("--calls", type=int, default=200, help="calls per round and implementation (default 200)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON (bench/gpu_run.sh reads it)")
+    p.add_argument("--launcher", action="store_true",
+                   help="CPU only: fusedad through the launcher's CUDA path with every Triton launch a no-op "
+                        "(the launcher's own host cost) instead of the eager backend")
     p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                    help="wall time (default) or this thread's CPU time (CPU only; steadier on a shared machine)")
     args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.clock == "thread" and device == "cuda":
         p.error("--clock thread measures CPU time only: use it with --device cpu")
+    if args.launcher and device != "cpu":
+        p.error("--launcher stubs the launch on CPU tensors: use it with --device cpu")
     torch.set_num_threads(1)
     backend = fusedad.backend(torch.empty(0, device=device))
+    if args.launcher:
+        backend = "launcher (CUDA path, Triton launches stubbed out)"
     head = (f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}), fusedad backend "
             f"{backend}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; Linear(64, 64) + GELU, batch 8, "
             f"median µs per call ({args.clock} clock) over {args.rounds} rounds of {args.calls} calls")
     print(head)
-    print(f"{'phase':22s} {'nn.Linear':>10s} {'fusedad':>10s} {'added':>8s}")
-    result = measure(device, rounds=args.rounds, calls=args.calls, clock=CLOCKS[args.clock])
+    print(f"{'phase':22s} {'nn.Linear':>10s} {'fusedad':>10s} {'added':>8s} {'ratio':>6s}")
+    with contextlib.ExitStack() as stack:
+        if args.launcher:
+            stack.enter_context(stubbed_launcher(stack.enter_context(tempfile.TemporaryDirectory())))
+        result = measure(device, rounds=args.rounds, calls=args.calls, clock=CLOCKS[args.clock])
     for name, (a, b) in result.items():
-        print(f"{name:22s} {a:10.1f} {b:10.1f} {b - a:+8.1f}")
+        print(f"{name:22s} {a:10.1f} {b:10.1f} {b - a:+8.1f} {b / a:6.2f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"what": head, "device": device, "fusedad_backend": backend,
-                       "phases": {k: {"nn_linear_us": a, "fusedad_us": b, "added_us": b - a}
+                       "phases": {k: {"nn_linear_us": a, "fusedad_us": b, "added_us": b - a, "ratio": b / a}
                                   for k, (a, b) in result.items()}}, f, indent=1)
 
 

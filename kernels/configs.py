@@ -316,6 +316,18 @@ def tuning_report():
     return list(_TIMINGS.items())
 
 
+def _launch_key(device_name, kernel_name, flags, M, N, K, dtype):
+    # ACCUMULATE_* never key a result: an accumulating launch takes the same launch's plain choice
+    key_flags = tuple(sorted((k, False if k.startswith("ACCUMULATE_") else v) for k, v in flags.items()))
+    return (device_name, kernel_name, key_flags, m_bucket(M), N, K, dtype)
+
+
+def cached_choice(device_name, kernel_name, flags, M, N, K, dtype):
+    """The item tuned for this launch's key in this process (or loaded), else None; never times, never
+    reads the disk (``launch_config`` does, once per key)."""
+    return _CACHE.get(_launch_key(device_name, kernel_name, flags, M, N, K, dtype))
+
+
 def launch_config(device_name, kernel_name, flags, M, N, K, dtype, run, bench, traced=False, space=None):
     """The config for one CUDA launch: ``tuned_config`` under the launch rules.
 
@@ -326,8 +338,7 @@ def launch_config(device_name, kernel_name, flags, M, N, K, dtype, run, bench, t
     * ``traced`` (inside a torch.compile trace) times nothing either: a cache hit or the heuristic.
     """
     accumulating = bool(flags.get("ACCUMULATE_DW", False) or flags.get("ACCUMULATE_DX", False))
-    key_flags = {k: (False if k.startswith("ACCUMULATE_") else v) for k, v in flags.items()}
-    key = (device_name, kernel_name, tuple(sorted(key_flags.items())), m_bucket(M), N, K, dtype)
+    key = _launch_key(device_name, kernel_name, flags, M, N, K, dtype)
     return tuned_config(key, M, N, K, dtype, run, bench, tune=not traced and not accumulating, space=space)
 
 

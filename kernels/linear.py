@@ -19,6 +19,7 @@ import triton
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import configs, variants
+from .variants import cdiv
 from ..activations import lookup
 from .gemm import _linear_fwd_kernel
 
@@ -113,9 +114,17 @@ def force_int64():
         _FORCED_INT64.pop()
 
 
+def _small(t):
+    """Offsets of ``t`` fit in int32 for sure: contiguous and fewer than 2³¹ − 1 elements (its largest
+    offset is then numel − 1). Two C calls instead of ``_max_offset``'s walk over the strides."""
+    return t.numel() < _INT32_LIMIT - 1 and t.is_contiguous()
+
+
 def needs_int64(*tensors):
     """True if any tensor has an element offset ≥ 2³¹ (int32 index math would wrap)."""
-    return bool(_FORCED_INT64) or any(t is not None and _max_offset(t) >= _INT32_LIMIT - 1 for t in tensors)
+    if _FORCED_INT64:
+        return True
+    return any(t is not None and not _small(t) and _max_offset(t) >= _INT32_LIMIT - 1 for t in tensors)
 
 
 def dot_precision(dtype):
@@ -156,10 +165,13 @@ def _ensure_allocator():
         triton.set_allocator(_descriptor_scratch)
 
 
+_NO_DEVICE_SWITCH = contextlib.nullcontext()  # reusable: it holds no state
+
+
 def _on_device(device):
     """The tensors' own CUDA device as the current one (a backward may run on another thread/device);
     nothing to switch for a CPU tensor."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    return torch.cuda.device(device) if device.type == "cuda" else _NO_DEVICE_SWITCH
 
 
 def _check_not_jit_tracing(variant):
@@ -192,12 +204,24 @@ def _pick(direction, problem, device, traced, run, variant=None):
     _check_not_jit_tracing(chosen)
     if INTERPRETER:
         return chosen, configs.interpreter_config(M, N, K)
+    forced = variant is None and variants.forced(direction) is not None
+    # the fixed or forced variant's name keys the cache when only its tiles are tuned, else the direction
+    key_name = chosen.name if variant is not None or forced else direction
+    device_name = _device_name(device.index)
+    hit = configs.cached_choice(device_name, key_name, problem.flags, M, N, K, dtype)
+    if hit is not None:
+        # The per-call path once a key is tuned: no config spaces, no tuning space. The cached row must
+        # be one this launch may run (a key does not hold the operands' layout, nor whether the launch
+        # accumulates); otherwise the full path below decides.
+        cached = variants.by_name(hit[0]) if isinstance(hit, tuple) else None
+        if cached is not None and (cached is chosen or (variant is None and not forced and cached.direction == direction
+                                                        and variants.offered(cached, not traced)
+                                                        and cached.applies(problem))):
+            return cached, hit[1]
     if variant is not None:  # the caller fixed the variant: tune its tiles only
         pairs = [(variant, c) for c in variant.config_space(M, N, K, dtype)]
-        key_name = variant.name
-    else:  # tune over (variant, config): the forced variant's name, or the direction, keys the cache
+    else:  # tune over (variant, config)
         pairs = variants.tuning_space(direction, problem, descriptors=not traced)
-        key_name = chosen.name if variants.forced(direction) else direction
     by_name = {v.name: v for v, _ in pairs}
 
     def timed(item):
@@ -207,7 +231,7 @@ def _pick(direction, problem, device, traced, run, variant=None):
 
     with _on_device(device):
         name, cfg = configs.launch_config(
-            _device_name(device.index), key_name, problem.flags, M, N, K, dtype, timed, _do_bench, traced=traced,
+            device_name, key_name, problem.flags, M, N, K, dtype, timed, _do_bench, traced=traced,
             space=lambda *_: [(v.name, c) for v, c in pairs])
     if name not in by_name:
         # A choice tuned for this key that this launch cannot run (an accumulating launch reuses the
@@ -420,7 +444,7 @@ def _dz_pass(grad_y, saved, act, db, common, wrap, record=True):
     # One fixed tile (nothing to tune in an elementwise pass): it also sets the rows of db's partial sums.
     cfg = variant.config_space(M, N, 0, grad_y.dtype)[0]
     acc_dtype = torch.float64 if common["FP64"] else torch.float32
-    partial = (torch.empty((triton.cdiv(M, cfg.BLOCK_M), N), dtype=acc_dtype, device=grad_y.device)
+    partial = (torch.empty((cdiv(M, cfg.BLOCK_M), N), dtype=acc_dtype, device=grad_y.device)
                if db is not None else dz)
     s = saved if act.saves is not None else grad_y
     args = (grad_y, s, dz, partial, M, N, *grad_y.stride(), *s.stride(), *dz.stride(), partial.stride(0))

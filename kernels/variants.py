@@ -40,12 +40,19 @@ class Problem:
     flags: dict  #: the launch's constexpr flags (the grid of the backward depends on them)
 
 
+def cdiv(a, b):
+    """⌈a / b⌉ for the host's grid arithmetic. (``triton.cdiv`` is a JIT function: called from Python it
+    goes through Triton's argument handling, which cost more than the rest of a forward launch's host
+    work together — profiled with the launcher stubbed, docs/torch-rows-and-host-path.md.)"""
+    return -(-a // b)
+
+
 def _any_layout(problem):
     return True
 
 
 def _forward_grid(p, cfg):
-    return (triton.cdiv(p.M, cfg.BLOCK_M) * triton.cdiv(p.N, cfg.BLOCK_N),)
+    return (cdiv(p.M, cfg.BLOCK_M) * cdiv(p.N, cfg.BLOCK_N),)
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,16 +102,16 @@ def _never(p):
 def splitk_plan(p, cfg):
     """(splits, K per split) of the decode path: enough K splits that the N tiles × splits keep ≥ 2 waves
     of CTAs streaming W (2 × SMs programs), each split a whole number of BLOCK_K blocks, none empty."""
-    n_tiles = triton.cdiv(p.N, cfg.BLOCK_N)
-    k_blocks = max(1, triton.cdiv(p.K, cfg.BLOCK_K))
-    splits = max(1, min(k_blocks, triton.cdiv(2 * num_sms(p), n_tiles)))
-    blocks_per_split = triton.cdiv(k_blocks, splits)
-    splits = triton.cdiv(k_blocks, blocks_per_split)
+    n_tiles = cdiv(p.N, cfg.BLOCK_N)
+    k_blocks = max(1, cdiv(p.K, cfg.BLOCK_K))
+    splits = max(1, min(k_blocks, cdiv(2 * num_sms(p), n_tiles)))
+    blocks_per_split = cdiv(k_blocks, splits)
+    splits = cdiv(k_blocks, blocks_per_split)
     return splits, blocks_per_split * cfg.BLOCK_K
 
 
 def _splitk_grid(p, cfg):
-    return (triton.cdiv(p.N, cfg.BLOCK_N), splitk_plan(p, cfg)[0])
+    return (cdiv(p.N, cfg.BLOCK_N), splitk_plan(p, cfg)[0])
 
 
 def _splitk_launch(p, cfg, args, launch_one):
@@ -114,17 +121,17 @@ def _splitk_launch(p, cfg, args, launch_one):
     acc_dtype = torch.float64 if p.flags.get("FP64") else torch.float32
     part = torch.empty((splits, p.M, p.N), dtype=acc_dtype, device=p.tensors[0].device)
     launch_one(by_name("linear_fwd_splitk"), _splitk_grid(p, cfg), (*args, part, k_split))
-    launch_one(by_name("linear_fwd_splitk_reduce"), (triton.cdiv(p.N, cfg.BLOCK_N),), (*args, part, splits))
+    launch_one(by_name("linear_fwd_splitk_reduce"), (cdiv(p.N, cfg.BLOCK_N),), (*args, part, splits))
 
 
 def _backward_grid(p, cfg):
     """dX tiles (M×K), then dW tiles (N×K) — or, for the bias alone, one row-sum program per BLOCK_M of N."""
     f = p.flags
-    tiles_dx = triton.cdiv(p.M, cfg.BLOCK_M) * triton.cdiv(p.K, cfg.BLOCK_N) if f["COMPUTE_DX"] else 0
+    tiles_dx = cdiv(p.M, cfg.BLOCK_M) * cdiv(p.K, cfg.BLOCK_N) if f["COMPUTE_DX"] else 0
     if f["COMPUTE_DW"]:
-        tiles_dw = triton.cdiv(p.N, cfg.BLOCK_M) * triton.cdiv(p.K, cfg.BLOCK_N)
+        tiles_dw = cdiv(p.N, cfg.BLOCK_M) * cdiv(p.K, cfg.BLOCK_N)
     else:
-        tiles_dw = triton.cdiv(p.N, cfg.BLOCK_M) if f["COMPUTE_DB"] else 0
+        tiles_dw = cdiv(p.N, cfg.BLOCK_M) if f["COMPUTE_DB"] else 0
     return (tiles_dx + tiles_dw,)
 
 
@@ -239,13 +246,13 @@ def forced(direction):
 
 
 def by_name(name):
-    for variant in VARIANTS:
+    for variant in VARIANTS:  # (a dozen rows: a scan, so that a patched VARIANTS is seen)
         if variant.name == name:
             return variant
     raise KeyError(f"fusedad: no kernel variant named {name!r}; the table has {[v.name for v in VARIANTS]}")
 
 
-def _offered(variant, descriptors):
+def offered(variant, descriptors):
     """descriptors=False (inside a torch.compile trace): neither a row that builds tensor descriptors
     nor a torch row (the compiled graph keeps the Triton launch it was traced with)."""
     return descriptors or not (variant.descriptors or variant.is_torch)
@@ -256,7 +263,7 @@ def select(direction, problem, descriptors=True):
     that applies to ``problem``. descriptors=False: none that builds tensor descriptors, no torch row."""
     def ok(variant):
         # (the descriptor check first: inside a trace the tensors may be fake, without a data pointer)
-        return _offered(variant, descriptors) and variant.applies(problem)
+        return offered(variant, descriptors) and variant.applies(problem)
 
     forced = _FORCED.get(direction)
     if forced is not None:
@@ -285,6 +292,6 @@ def tuning_space(direction, problem, descriptors=True):
     pairs = [(first, c) for c in first.config_space(p.M, p.N, p.K, p.dtype)]
     if _FORCED.get(direction) is None:
         for v in VARIANTS:
-            if v.direction == direction and v is not first and _offered(v, descriptors) and v.applies(p):
+            if v.direction == direction and v is not first and offered(v, descriptors) and v.applies(p):
                 pairs += [(v, c) for c in v.config_space(p.M, p.N, p.K, p.dtype)[:OTHER_VARIANT_CONFIGS]]
     return pairs[:MAX_TUNING_PAIRS]
