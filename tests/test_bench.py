@@ -754,7 +754,8 @@ def test_dry_run_backward_and_train_step_results(dry_run):
     tables = summary["tables"]
     assert len(tables["backward"]) == 10 and len(tables["backward_graph"]) == 5 and len(tables["train"]) == 4
     assert {line["compile"] for line in tables["train"]} == {"not run"}  # visible: compile is not run on CPU
-    assert set(tables["overhead"][0]) == {"phase", "nn.Linear µs", "fusedad µs", "added µs"}
+    assert set(tables["overhead"][0]) == {"phase", "nn.Linear µs", "fusedad µs", "added µs", "ratio"}
+    assert tables["tuning"] == [] and "no tuning on CPU" in (out / "summary.md").read_text()
 
 
 def test_dry_run_forward_step_results(dry_run):

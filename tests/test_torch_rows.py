@@ -296,3 +296,27 @@ def test_export_and_compile_still_see_the_custom_ops(forced):
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
         called = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
         assert sum("fusedad.linear_fwd" in c for c in called) == 2, called
+
+
+def test_the_benchmark_reports_which_row_each_key_kept(tuner):
+    """``bench.tuning.rows``: per tuned key the row kept, the runner-up of another variant and the margin."""
+    from bench import tuning
+
+    def speed(name, flags):  # the default Triton rows 2.0, the other Triton rows 2.4, torch 1.0 or 3.0
+        return _torch_fast_without_activation(name, flags) + (0.4 if name not in ("linear_fwd", "linear_bwd")
+                                                              and not name.endswith("_torch") else 0.0)
+
+    tuner.speed = speed
+    x = randn(40, 32, requires_grad=True)
+    fusedad.nn.Linear(32, 24)(x).sum().backward()
+    fusedad.nn.Linear(32, 24, activation="gelu")(x).sum().backward()
+    rows = {(r["launch"], r["flags"].split()[0]): r for r in tuning.rows()}
+    assert set(rows) == {("fwd", "ACT=0"), ("bwd", "ACT=0"), ("fwd", "ACT=2"), ("bwd", "ACT=2")}
+    for direction in ("fwd", "bwd"):
+        plain, fused = rows[(direction, "ACT=0")], rows[(direction, "ACT=2")]
+        assert plain["picked"] == f"linear_{direction}_torch" and plain["margin"] == pytest.approx(2.0)
+        assert plain["triton_over_torch"] == pytest.approx(2.0)
+        assert fused["picked"].startswith(f"linear_{direction} ") and fused["margin"] == pytest.approx(1.2)
+        assert not fused["runner_up"].endswith("_torch") and fused["triton_over_torch"] == pytest.approx(2 / 3)
+    md = "\n".join(tuning.markdown(tuning.rows(), ""))
+    assert "linear_fwd_torch" in md and "2.00×" in md
