@@ -44,9 +44,36 @@ def _per_call_us(fn, device, calls, clock=time.perf_counter):
     return 1e6 * (clock() - start) / calls
 
 
+class _FloorFunction(torch.autograd.Function):
+    """The least any Python ``torch.autograd.Function`` around Linear+GELU costs: F.linear and F.gelu in
+    its forward, z saved, PyTorch's gelu_backward, two mm and a sum in its backward — no checks, no
+    routing. The gap between it and nn.Linear+GELU is the price of a Python Function itself."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        z = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight, z)
+        return F.gelu(z)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, z = ctx.saved_tensors
+        dz = torch.ops.aten.gelu_backward(grad_y, z)
+        return dz.mm(weight), dz.t().mm(x), dz.sum(0)
+
+
+class _FloorLinear(torch.nn.Linear):
+    def forward(self, input):
+        if torch.is_grad_enabled():
+            return _FloorFunction.apply(input, self.weight, self.bias)
+        return F.gelu(F.linear(input, self.weight, self.bias))
+
+
 def measure(device, in_features=64, out_features=64, batch=8, rounds=30, calls=200, clock=time.perf_counter):
-    """{phase: (nn.Linear µs, fusedad µs)} medians over interleaved rounds; a GELU layer."""
+    """{phase: (nn.Linear µs, fusedad µs, Function floor µs)} medians over interleaved rounds; a GELU layer."""
     ref = torch.nn.Linear(in_features, out_features, device=device)
+    floor = _FloorLinear(in_features, out_features, device=device)
+    floor.load_state_dict(ref.state_dict())
     ours = fusedad.nn.Linear(in_features, out_features, device=device, activation="gelu")
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(batch, in_features, device=device)
@@ -60,19 +87,25 @@ def measure(device, in_features=64, out_features=64, batch=8, rounds=30, calls=2
         with torch.no_grad():
             ours(x)
 
+    def floor_fwd():
+        with torch.no_grad():
+            floor(x)
+
     phases = {
-        "forward (no_grad)": (eager_fwd, fused_fwd),
-        "forward (recording)": (lambda: F.gelu(ref(xg)), lambda: ours(xg)),
-        "forward+backward": (lambda: F.gelu(ref(xg)).sum().backward(), lambda: ours(xg).sum().backward()),
+        "forward (no_grad)": (eager_fwd, fused_fwd, floor_fwd),
+        "forward (recording)": (lambda: F.gelu(ref(xg)), lambda: ours(xg), lambda: floor(xg)),
+        "forward+backward": (lambda: F.gelu(ref(xg)).sum().backward(), lambda: ours(xg).sum().backward(),
+                             lambda: floor(xg).sum().backward()),
     }
     out = {}
-    for name, (a, b) in phases.items():
-        a(), b()  # warm-up (and, on CUDA, compile)
-        ta, tb = [], []
+    for name, fns in phases.items():
+        for fn in fns:
+            fn()  # warm-up (and, on CUDA, compile)
+        times = [[] for _ in fns]
         for _ in range(rounds):
-            ta.append(_per_call_us(a, device, calls, clock))
-            tb.append(_per_call_us(b, device, calls, clock))
-        out[name] = (statistics.median(ta), statistics.median(tb))
+            for fn, t in zip(fns, times):
+                t.append(_per_call_us(fn, device, calls, clock))
+        out[name] = tuple(statistics.median(t) for t in times)
     return out
 
 
@@ -144,18 +177,19 @@ def main(argv=None):
             f"{backend}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; Linear(64, 64) + GELU, batch 8, "
             f"median µs per call ({args.clock} clock) over {args.rounds} rounds of {args.calls} calls")
     print(head)
-    print(f"{'phase':22s} {'nn.Linear':>10s} {'fusedad':>10s} {'added':>8s} {'ratio':>6s}")
+    print(f"{'phase':22s} {'nn.Linear':>10s} {'fusedad':>10s} {'added':>8s} {'ratio':>6s} {'Function floor':>15s}")
     with contextlib.ExitStack() as stack:
         if args.launcher:
             stack.enter_context(stubbed_launcher(stack.enter_context(tempfile.TemporaryDirectory())))
         result = measure(device, rounds=args.rounds, calls=args.calls, clock=CLOCKS[args.clock])
-    for name, (a, b) in result.items():
-        print(f"{name:22s} {a:10.1f} {b:10.1f} {b - a:+8.1f} {b / a:6.2f}")
+    for name, (a, b, c) in result.items():
+        print(f"{name:22s} {a:10.1f} {b:10.1f} {b - a:+8.1f} {b / a:6.2f} {c:15.1f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"what": head, "device": device, "fusedad_backend": backend,
-                       "phases": {k: {"nn_linear_us": a, "fusedad_us": b, "added_us": b - a, "ratio": b / a}
-                                  for k, (a, b) in result.items()}}, f, indent=1)
+                       "phases": {k: {"nn_linear_us": a, "fusedad_us": b, "added_us": b - a, "ratio": b / a,
+                                      "function_floor_us": c}
+                                  for k, (a, b, c) in result.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -91,14 +91,14 @@ TABLE = (
     Activation(None, 0, lambda z: z, lambda g, saved: g, None),
     # threshold_backward(g, y, 0) = where(y <= 0, 0, g): the same select as ``_select`` (NaN passes)
     Activation("relu", 1, F.relu, _select(lambda g, y: g), "y", ((torch.nn.ReLU, {}),),
-               native_chain=lambda g, y: _aten.threshold_backward(g, y, 0)),
+               native_chain=lambda g, y: _aten.threshold_backward.default(g, y, 0)),
     Activation("gelu", 2, F.gelu, _times(_gelu_grad), "z", ((torch.nn.GELU, {"approximate": "none"}),),
-               native_chain=lambda g, z: _aten.gelu_backward(g, z, approximate="none")),
+               native_chain=lambda g, z: _aten.gelu_backward.default(g, z, approximate="none")),
     Activation("gelu_tanh", 3, lambda z: F.gelu(z, approximate="tanh"), _times(_gelu_tanh_grad), "z",
                ((torch.nn.GELU, {"approximate": "tanh"}),),
-               native_chain=lambda g, z: _aten.gelu_backward(g, z, approximate="tanh")),
+               native_chain=lambda g, z: _aten.gelu_backward.default(g, z, approximate="tanh")),
     Activation("silu", 4, F.silu, _times(_silu_grad), "z", ((torch.nn.SiLU, {}),),
-               native_chain=lambda g, z: _aten.silu_backward(g, z)),
+               native_chain=lambda g, z: _aten.silu_backward.default(g, z)),
     Activation("relu2", 5, lambda z: torch.square(F.relu(z)), _select(lambda g, z: g * (2.0 * z)), "z"),
 )
 
