@@ -127,13 +127,19 @@ def needs_int64(*tensors):
     return any(t is not None and not _small(t) and _max_offset(t) >= _INT32_LIMIT - 1 for t in tensors)
 
 
+#: What ``torch.backends.cuda.matmul.allow_tf32`` reads (its module ``__getattr__`` walks a chain of
+#: names first), asked directly where this torch has it.
+_cublas_allow_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", None) or (
+    lambda: torch.backends.cuda.matmul.allow_tf32)
+
+
 def dot_precision(dtype):
     """tl.dot input precision for float32 that follows PyTorch's own matmul setting.
 
     Triton's default for fp32 is TF32, PyTorch's is IEEE (``torch.backends.cuda.matmul.allow_tf32`` is
     False unless ``torch.set_float32_matmul_precision("high"/"medium")`` or the flag is set).
     """
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and _cublas_allow_tf32():
         return "tf32"
     return "ieee"
 
@@ -218,6 +224,8 @@ def _pick(direction, problem, device, traced, run, variant=None):
                                                         and variants.offered(cached, not traced)
                                                         and cached.applies(problem))):
             return cached, hit[1]
+    if not configs.autotune_enabled():  # FUSEDAD_AUTOTUNE=0: the heuristic pair, the tuning space's first
+        return chosen, chosen.config_space(M, N, K, dtype)[0]
     if variant is not None:  # the caller fixed the variant: tune its tiles only
         pairs = [(variant, c) for c in variant.config_space(M, N, K, dtype)]
     else:  # tune over (variant, config)
