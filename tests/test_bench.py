@@ -834,6 +834,27 @@ def test_protocol_report_from_cuda_like_results(tmp_path):
     assert detail["backward"] == "6 rows: 1 ERROR, 5 ok; graphs: 3 ok; fusedad not ok: 0"
 
 
+def test_protocol_report_shows_the_tuners_choices(tmp_path):
+    """A tuned train step (synthetic results): the summary lists, per key, the row kept and its margin;
+    an untuned one says why there is no table."""
+    tuned_row = {"device": "NVIDIA H100 80GB HBM3", "launch": "fwd", "M bucket": 256, "N": 8192, "K": 4096,
+                 "dtype": "bfloat16", "flags": "ACT=0 HAS_BIAS=0 STORE_Z=0", "picked": "linear_fwd_torch",
+                 "picked_ms": 0.05, "runner_up": "linear_fwd_tma 128x128x64/w8s3", "runner_up_ms": 0.06,
+                 "margin": 1.2, "torch_ms": 0.05, "best_triton_ms": 0.06, "triton_over_torch": 1.2, "timed": 11,
+                 "failed": 0}
+    env = {"performance_figures": True, "device_name": "NVIDIA H100 80GB HBM3"}
+    steps = tmp_path / "steps.tsv"
+    steps.write_text("train\tPASS\t50\t55\tsteps.log\t\n")
+    for tuning, expect in (({"note": "", "rows": [tuned_row]}, "| fwd | ACT=0 HAS_BIAS=0 STORE_Z=0 | 256 |"),
+                           ({"note": "autotuning off (FUSEDAD_AUTOTUNE=0): the heuristic rows ran", "rows": []},
+                            "FUSEDAD_AUTOTUNE=1 bash bench/gpu_run.sh")):
+        (tmp_path / "train.json").write_text(json.dumps({"env": env, "rows": [], "tuning": tuning}))
+        md, summary = protocol.build(tmp_path, protocol.read_steps(steps), "mode: GPU\n", False)
+        assert "### train step: tuner choices" in md and expect in md
+        assert len(summary["tables"]["tuning"]) == len(tuning["rows"])
+    assert summary["tables"]["tuning"] == []
+
+
 def test_protocol_report_from_cuda_like_forward_results(tmp_path):
     """The forward tables of a GPU run (synthetic rows): both ratios, n/a for a variant that does not
     apply, the decode table's copy GB/s and % of copy."""
