@@ -124,7 +124,10 @@ def needs_int64(*tensors):
     """True if any tensor has an element offset ≥ 2³¹ (int32 index math would wrap)."""
     if _FORCED_INT64:
         return True
-    return any(t is not None and not _small(t) and _max_offset(t) >= _INT32_LIMIT - 1 for t in tensors)
+    for t in tensors:
+        if t is not None and not _small(t) and _max_offset(t) >= _INT32_LIMIT - 1:
+            return True
+    return False
 
 
 #: What ``torch.backends.cuda.matmul.allow_tf32`` reads (its module ``__getattr__`` walks a chain of

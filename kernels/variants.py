@@ -28,9 +28,11 @@ INTERPRETER_SMS = 2
 DECODE_M = 16
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(eq=False)
 class Problem:
-    """One launch as the selector sees it. M×N is the forward's output, K its reduction length."""
+    """One launch as the selector sees it. M×N is the forward's output, K its reduction length.
+    (Not frozen: built once per launch, and a frozen dataclass's __init__ sets each field through
+    object.__setattr__ — measurable on the per-call path. Treat it as read-only.)"""
 
     M: int
     N: int
