@@ -7,7 +7,7 @@ are never the heuristic default (``default=False`` in the table), so they run on
 them faster for a launch's key, or when a test or benchmark forces one with ``variants.use``.
 
     forward:   z = x·Wᵀ + b  (addmm into z, or into y when z is not stored),  y = act(z)
-    backward:  dZ = dY ⊙ act'(saved)  (the activation table's torch chain),
+    backward:  dZ = dY ⊙ act'(saved)  (PyTorch's fused activation backward: ``first_order_chain``),
                dX = dZ·W,  dW = dZᵀ·X  (mm into the outputs),  db = Σ_rows dZ  (a sum into db)
 
 Rounding: the kernels apply the activation to the fp32 accumulator and round once; this row rounds z to
@@ -52,7 +52,8 @@ def backward(problem):
     grad_y, x, weight, saved, dx, dw, db = problem.tensors[:7]
     f = problem.flags
     act = lookup(f["ACT"])
-    dz = act.chain(grad_y, saved) if act.saves is not None else grad_y
+    # first order (a backward launch is never differentiated again): PyTorch's fused activation backward
+    dz = act.first_order_chain(grad_y, saved) if act.saves is not None else grad_y
     if f["COMPUTE_DX"]:
         torch.mm(dz, weight, out=dx)  # dX = dZ·W
     if f["COMPUTE_DW"]:

@@ -467,7 +467,29 @@ def test_overhead_script_runs():
 
     result = overhead.measure("cpu", rounds=2, calls=3)
     assert set(result) == {"forward (no_grad)", "forward (recording)", "forward+backward"}
-    assert all(a > 0 and b > 0 for a, b in result.values())
+    assert all(a > 0 and b > 0 and floor > 0 for a, b, floor in result.values())  # + the Function floor
+
+
+def test_overhead_launcher_mode_runs_the_launch_path_with_every_launch_stubbed(tmp_path):
+    """--launcher: fusedad's CUDA launch path on CPU tensors (the launch log shows the rows it picked),
+    no Triton kernel run, and everything it patched put back afterwards."""
+    import importlib
+
+    from bench import overhead
+    from fusedad.kernels import linear as launcher
+    from fusedad.kernels import record_launches, variants
+
+    backend = importlib.import_module("fusedad.backend")
+    before = (launcher.INTERPRETER, launcher._device_name, variants.VARIANTS, variants.num_sms, backend._CPU)
+    with overhead.stubbed_launcher(str(tmp_path)):
+        assert not launcher.INTERPRETER and all(v.kernel is None or isinstance(v.kernel, overhead._NoLaunch)
+                                                for v in variants.VARIANTS)
+        layer = fusedad.nn.Linear(64, 64, activation="gelu")
+        with record_launches() as log:
+            layer(torch.randn(8, 64, requires_grad=True)).sum().backward()
+    assert [launch.kernel for launch in log] == ["linear_fwd_splitk", "linear_fwd_splitk_reduce", "linear_dz",
+                                                 "linear_bwd"]
+    assert (launcher.INTERPRETER, launcher._device_name, variants.VARIANTS, variants.num_sms, backend._CPU) == before
 
 
 # --- CUDA-graph timing, on the CPU with a fake capture ----------------------------------------------
@@ -610,7 +632,7 @@ def test_forward_suite_runs_every_applicable_fwd_variant_f_linear_eager_and_the_
     rows = runner.run_suite(SUITES["forward"], _forward_plan(shapes, plant_mismatch=True), None, progress=False)
     names = [v.name for v in forward.fwd_variants()]
     assert {"linear_fwd", "linear_fwd_tma", "linear_fwd_tma_persistent", "linear_fwd_tma_ws",
-            "linear_fwd_splitk"} == set(names)
+            "linear_fwd_splitk", "linear_fwd_torch"} == set(names)
     for M in (1, 24):
         sub = {r["impl"]: r for r in rows if r["M"] == M}
         ran = [n for n in names if M == 1 or n != "linear_fwd_splitk"]
@@ -660,9 +682,10 @@ def test_forward_preset_is_the_protocol_plan():
     assert cuda["activations"] == ("gelu_tanh", "none") and cuda["dtypes"] == (torch.bfloat16,)
     cases = list(forward.cases(cuda, plan.make_plan("cuda", False)))
     assert len(cases) == 12 and not any(c.graph for c in cases)
-    # every TMA variant applies to the protocol's (aligned, bf16) shapes; split-K to the decode ones only
+    # every TMA variant (and torch's row) applies to the protocol's (aligned, bf16) shapes; split-K to the
+    # decode ones only
     for c in cases:
-        tma = {"linear_fwd", "linear_fwd_tma", "linear_fwd_tma_persistent", "linear_fwd_tma_ws"}
+        tma = {"linear_fwd", "linear_fwd_tma", "linear_fwd_tma_persistent", "linear_fwd_tma_ws", "linear_fwd_torch"}
         assert set(c.meta["variants"].split("+")) == tma | ({"linear_fwd_splitk"} if c.meta["M"] <= 16 else set())
 
 
