@@ -129,7 +129,8 @@ def stubbed_launcher(cache_dir):
     from fusedad.kernels import linear as launcher
 
     saved = dict(interp=launcher.INTERPRETER, name=launcher._device_name, bench=launcher._do_bench,
-                 rows=variants.VARIANTS, sms=variants.num_sms, cpu=backend._CPU, env=os.environ.get("FUSEDAD_CACHE_DIR"))
+                 rows=variants.VARIANTS, sms=variants.num_sms, cpu=backend._CPU,
+                 env=os.environ.get("FUSEDAD_CACHE_DIR"))
     os.environ["FUSEDAD_CACHE_DIR"] = cache_dir
     configs.clear_cache()
     launcher.INTERPRETER = False

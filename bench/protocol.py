@@ -337,7 +337,8 @@ def build(out, steps, env_text, dry_run, overhead_path=None):
                      "and lists here which row of the variant table each key kept. The forward and backward "
                      "tables time torch's rows (fusedad:linear_fwd_torch, fusedad:linear_bwd_torch) beside "
                      "every Triton row either way")
-        md += ["### train step: " + tuning_markdown(tuned["rows"], note)[0][3:]] + tuning_markdown(tuned["rows"], note)[1:]
+        section = tuning_markdown(tuned["rows"], note)
+        md += ["### train step: " + section[0][3:]] + section[1:]  # ("## tuner choices …" one level down)
     if lm_head:
         rows = [r for r in lm_head["rows"] if r["suite"] == "lm-head"]
         tables["lm_head"] = lm_head_pivot(rows, impl_order(rows), perf)
