@@ -171,6 +171,10 @@ def run(plan, argv=(), out_dir=None, progress=True, plots=True, log=print):
                                                   after_case=write_so_far)
         report.write(results, out_dir)
 
+    from . import tuning
+
+    note = tuning.status(plan.device)
+    results["tuning"] = {"note": note, "rows": [] if note else tuning.rows()}
     env["seconds"] = round(time.perf_counter() - started, 1)
     if plots:
         from . import plots as plotting  # matplotlib only when plots are wanted

@@ -326,6 +326,19 @@ def build(out, steps, env_text, dry_run, overhead_path=None):
         if tables["train_graph"]:
             md += [f"### train step, {GRAPH_LIMIT_NOTE} (graph ms; launch = plain ms − graph ms)", "",
                    markdown(tables["train_graph"]), ""]
+    tuned = (train or {}).get("tuning")
+    if tuned is not None:
+        from .tuning import markdown as tuning_markdown, table_rows
+
+        tables["tuning"] = table_rows(tuned["rows"])
+        note = tuned["note"]
+        if note.startswith("autotuning off"):
+            note += ("; FUSEDAD_AUTOTUNE=1 bash bench/gpu_run.sh runs the train step tuned (more kernel compiles) "
+                     "and lists here which row of the variant table each key kept. The forward and backward "
+                     "tables time torch's rows (fusedad:linear_fwd_torch, fusedad:linear_bwd_torch) beside "
+                     "every Triton row either way")
+        section = tuning_markdown(tuned["rows"], note)
+        md += ["### train step: " + section[0][3:]] + section[1:]  # ("## tuner choices …" one level down)
     if lm_head:
         rows = [r for r in lm_head["rows"] if r["suite"] == "lm-head"]
         tables["lm_head"] = lm_head_pivot(rows, impl_order(rows), perf)
@@ -337,7 +350,8 @@ def build(out, steps, env_text, dry_run, overhead_path=None):
     if overhead_path and Path(overhead_path).is_file():
         overhead = json.loads(Path(overhead_path).read_text(encoding="utf-8"))
         tables["overhead"] = [{"phase": k, "nn.Linear µs": f"{v['nn_linear_us']:.1f}",
-                               "fusedad µs": f"{v['fusedad_us']:.1f}", "added µs": f"{v['added_us']:+.1f}"}
+                               "fusedad µs": f"{v['fusedad_us']:.1f}", "added µs": f"{v['added_us']:+.1f}",
+                               **({"ratio": f"{v['ratio']:.2f}"} if "ratio" in v else {})}
                               for k, v in overhead["phases"].items()]
         md += ["## overhead (python -m bench.overhead)", "", overhead["what"], "", markdown(tables["overhead"]), ""]
     for s in steps:

@@ -126,6 +126,17 @@ def console_report(results):
     out.append(peaks_line(results.get("peaks")))
     for suite, rows in suite_rows(results):
         out += [f"\n-- {suite.title}", text_table(rows, suite.columns(perf))]
+    tuned = results.get("tuning")
+    if tuned is not None:
+        from .tuning import table_rows
+
+        out.append("\n-- tuner choices (which row of the variant table ran, per key)")
+        if tuned["note"] or not tuned["rows"]:
+            out.append("   " + (tuned["note"] or "no key was tuned in this run"))
+        else:
+            cells = table_rows(tuned["rows"])
+            cols = [(h, h) for h in cells[0]]
+            out.append(text_table(cells, cols))
     return "\n".join(out)
 
 
@@ -157,6 +168,11 @@ def markdown_report(results):
               "(max − min) / median of the round medians.", ""]
     for suite, rows in suite_rows(results):
         lines += [f"## {suite.title}", "", markdown_table(rows, suite.columns(perf)), ""]
+    tuned = results.get("tuning")
+    if tuned is not None:
+        from .tuning import markdown as tuning_markdown
+
+        lines += tuning_markdown(tuned["rows"], tuned["note"])
     plots = results.get("plots") or []
     if plots:
         lines += ["## plots", ""] + [f"![{p}]({p})" for p in plots] + [""]

@@ -4,6 +4,10 @@ or an illegal memory access)."""
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SUPPORTED = frozenset(SUPPORTED_DTYPES)
+
+#: One C call that says whether autocast is on for any device (torch ≥ 2.4); else ask per device type.
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
 def _shape(t):
@@ -49,8 +53,37 @@ def check_linear_args(input, weight, bias):
         raise RuntimeError(f"fusedad.linear: expected all tensors on the same device, got {got}")
 
 
+def _common_call(input, weight, bias):
+    """True for the call nothing needs to be said about: one supported dtype, one device, a 2-D weight
+    whose in_features match, a bias of shape (out_features,) or None. The per-call fast path (attribute
+    reads only); anything else — including every error — takes ``check_linear_args``."""
+    try:
+        dtype = weight.dtype
+        if not (dtype in _SUPPORTED and input.dtype == dtype and weight.dim() == 2 and input.dim() >= 1
+                and input.shape[-1] == weight.shape[1] and input.device == weight.device):
+            return False
+        return bias is None or (bias.dtype == dtype and bias.dim() == 1 and bias.shape[0] == weight.shape[0]
+                                and bias.device == weight.device)
+    except (AttributeError, TypeError):  # not tensors: the full check names what is wrong
+        return False
+
+
+def _autocast_maybe_on(input):
+    if _ANY_AUTOCAST is not None:
+        return _ANY_AUTOCAST()
+    return True  # (older torch) let _autocast ask for the input's device type
+
+
+def common_2d_call(input, weight, bias):
+    """True for a 2-D input that ``cast_and_check`` would return unchanged and without error (autocast
+    off, ``_common_call``): the caller may skip it, and the reshapes of ``linear``."""
+    return not _autocast_maybe_on(input) and _common_call(input, weight, bias) and input.dim() == 2
+
+
 def cast_and_check(input, weight, bias, weight_main_grad=None):
     """Autocast's cast (as ``nn.Linear`` gets it), then ``check_linear_args``. -> (input, weight, bias)"""
+    if weight_main_grad is None and not _autocast_maybe_on(input) and _common_call(input, weight, bias):
+        return input, weight, bias
     if isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor):
         input, weight, bias = _autocast(input, weight, bias)
     check_linear_args(input, weight, bias)

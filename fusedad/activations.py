@@ -36,6 +36,14 @@ class Activation:
     saves: Optional[str]  #: what act' reads: "y" (the output), "z" (the pre-activation) or None
     #: (module type, attributes it must have) pairs that ``convert`` fuses into the preceding Linear
     modules: tuple = ()
+    #: g ⊙ act'(saved) by PyTorch's own fused backward op (what autograd runs for nn.GELU etc.): one
+    #: kernel instead of ``chain``'s half dozen, for the eager backend's first-order backward, which is
+    #: never differentiated again. None: ``chain`` is used.
+    native_chain: Optional[Callable] = None
+
+    def first_order_chain(self, g, saved):
+        """g ⊙ act'(saved) for a backward that is not differentiated again."""
+        return (self.native_chain or self.chain)(g, saved)
 
     @property
     def op_name(self):
@@ -77,13 +85,20 @@ def _silu_grad(z):
     return s * (1.0 + z * (1.0 - s))
 
 
+_aten = torch.ops.aten
+
 TABLE = (
     Activation(None, 0, lambda z: z, lambda g, saved: g, None),
-    Activation("relu", 1, F.relu, _select(lambda g, y: g), "y", ((torch.nn.ReLU, {}),)),
-    Activation("gelu", 2, F.gelu, _times(_gelu_grad), "z", ((torch.nn.GELU, {"approximate": "none"}),)),
+    # threshold_backward(g, y, 0) = where(y <= 0, 0, g): the same select as ``_select`` (NaN passes)
+    Activation("relu", 1, F.relu, _select(lambda g, y: g), "y", ((torch.nn.ReLU, {}),),
+               native_chain=lambda g, y: _aten.threshold_backward.default(g, y, 0)),
+    Activation("gelu", 2, F.gelu, _times(_gelu_grad), "z", ((torch.nn.GELU, {"approximate": "none"}),),
+               native_chain=lambda g, z: _aten.gelu_backward.default(g, z, approximate="none")),
     Activation("gelu_tanh", 3, lambda z: F.gelu(z, approximate="tanh"), _times(_gelu_tanh_grad), "z",
-               ((torch.nn.GELU, {"approximate": "tanh"}),)),
-    Activation("silu", 4, F.silu, _times(_silu_grad), "z", ((torch.nn.SiLU, {}),)),
+               ((torch.nn.GELU, {"approximate": "tanh"}),),
+               native_chain=lambda g, z: _aten.gelu_backward.default(g, z, approximate="tanh")),
+    Activation("silu", 4, F.silu, _times(_silu_grad), "z", ((torch.nn.SiLU, {}),),
+               native_chain=lambda g, z: _aten.silu_backward.default(g, z)),
     Activation("relu2", 5, lambda z: torch.square(F.relu(z)), _select(lambda g, z: g * (2.0 * z)), "z"),
 )
 

@@ -39,6 +39,15 @@ def _fused_matmul(a, b):
     return _fused_linear(a, b.t())
 
 
+def _save_for_backward(ctx, x, weight, act, weight_main_grad, y, z):
+    """What the reverse-mode backward reads, kept on ctx (both Functions' forwards)."""
+    ctx.weight_main_grad = weight_main_grad
+    ctx.act = act
+    ctx.set_materialize_grads(False)
+    need_x, need_w = ctx.needs_input_grad[:2]
+    ctx.save_for_backward(*derivatives.saved_for_backward(act, need_x, need_w, x, weight, y, z))
+
+
 class FusedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, act, precomputed, weight_main_grad):
@@ -47,18 +56,14 @@ class FusedLinearFunction(torch.autograd.Function):
         dW into (weight.grad stays untouched: the Function returns no weight gradient then)."""
         if precomputed is not None:
             return precomputed[0], precomputed[1]
-        y, z, _, _ = backend.select(x.device).forward(x, weight, bias, act, store_preact=act.needs_z)
+        y, z, _, _ = backend.for_tensor(x).forward(x, weight, bias, act, store_preact=act.needs_z)
         return y, z
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, act, precomputed, weight_main_grad = inputs
         y, z = output
-        ctx.weight_main_grad = weight_main_grad
-        ctx.act = act
-        ctx.set_materialize_grads(False)
-        need_x, need_w, _ = ctx.needs_input_grad[:3]
-        ctx.save_for_backward(*derivatives.saved_for_backward(act, need_x, need_w, x, weight, y, z))
+        _save_for_backward(ctx, x, weight, act, weight_main_grad, y, z)
         if precomputed is not None:
             ctx.tangents = precomputed[2:]
         else:
@@ -73,14 +78,15 @@ class FusedLinearFunction(torch.autograd.Function):
         if grad_y is None and grad_z is None:
             return None, None, None, None, None, None
         composite = (torch.is_grad_enabled() or grad_z is not None or grad_y is None
-                     or any(is_functorch_tensor(t) for t in (grad_y, x, weight, saved)))
+                     or is_functorch_tensor(grad_y) or is_functorch_tensor(x) or is_functorch_tensor(weight)
+                     or is_functorch_tensor(saved))
         if composite:
             dx, dw, db = derivatives.gradients(grad_y, grad_z, x, weight, saved, ctx.act, need_x, need_w, need_b,
                                                _fused_matmul)
             if main_grad is not None:
                 main_grad.add_(dw.detach())
         else:
-            dx, dw, db = backend.select(grad_y.device).backward(grad_y, x, weight, saved, ctx.act, need_x, need_w,
+            dx, dw, db = backend.for_tensor(grad_y).backward(grad_y, x, weight, saved, ctx.act, need_x, need_w,
                                                                 need_b, weight_grad_out=main_grad)
         return dx, (None if main_grad is not None else dw), db, None, None, None
 
@@ -129,12 +135,22 @@ class FusedLinearEagerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, act, precomputed, weight_main_grad):
-        inputs = (x, weight, bias, act, precomputed, weight_main_grad)
-        output = FusedLinearFunction.forward(*inputs)
-        FusedLinearFunction.setup_context(ctx, inputs, output)
-        return output
+        y, z = FusedLinearFunction.forward(x, weight, bias, act, precomputed, weight_main_grad)
+        # Reverse mode only: ``route`` sends every call with forward-mode tangents to FusedLinearFunction,
+        # so nothing is kept for a jvp here (save_for_forward is skipped: measured per recorded call in
+        # docs/torch-rows-and-host-path.md).
+        _save_for_backward(ctx, x, weight, act, weight_main_grad, y, z)
+        return y, z
 
     backward = FusedLinearFunction.backward
+
+
+#: ``Function.apply`` without its Python preamble (torch/autograd/function.py: a check for functorch
+#: transforms and a pass over the arguments unwrapping dead functorch wrappers), i.e. the C
+#: implementation it ends in. Used by ``route`` only where that preamble has nothing to do: no transform
+#: active and no argument a functorch tensor (checked there). Saves about a fifth of the recorded call's
+#: added host time (docs/torch-rows-and-host-path.md).
+_EAGER_APPLY = torch._C._FunctionBase.__dict__["apply"].__get__(None, FusedLinearEagerFunction)
 
 
 def _forward_tangents(x, weight, bias, wrapped):
@@ -176,13 +192,13 @@ def route(x, weight, bias, act, weight_main_grad=None):
             x = ops.refuse_main_grad_in_graph(x)  # raises; see ops.refuse_main_grad for why not a plain raise
         # Dynamo: an opaque custom op with registered autograd; its CUDA body is our Triton kernels.
         return ops.linear(x, weight, bias, act)
-    if torch.jit.is_tracing():
+    if torch._C._get_tracing_state() is not None:  # torch.jit.is_tracing() (route is never scripted)
         return _traced(x, weight, bias, act, weight_main_grad)
     if not (type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)):
         # DTensor: the custom ops on the local shards; any other subclass: torch ops (the kernels read raw
         # storage, which a __torch_dispatch__ wrapper does not have).
         return distributed.subclass_linear(x, weight, bias, act, weight_main_grad)
-    wrapped = any(is_functorch_tensor(t) for t in (x, weight, bias))
+    wrapped = is_functorch_tensor(x) or is_functorch_tensor(weight) or is_functorch_tensor(bias)
     if weight_main_grad is not None and is_functorch_tensor(weight):
         # Inside the transform the backward would add a wrapped dW into a captured buffer, which functorch
         # refuses with an error that does not name the cause.
@@ -190,23 +206,24 @@ def route(x, weight, bias, act, weight_main_grad=None):
             "fusedad: weight_main_grad (accumulate_main_grad=True) with a weight that a torch.func transform "
             "differentiates or batches: torch.func returns the weight's gradient instead of accumulating it. "
             "Call without weight_main_grad inside the transform and add the returned gradient yourself.")
-    duals = _forward_tangents(x, weight, bias, wrapped)
+    duals = _forward_tangents(x, weight, bias, wrapped) if wrapped or fwAD._current_level >= 0 else None
     if duals is not None and not any(is_functorch_tensor(t) for pair in duals for t in pair):
         # Forward mode in lockstep: one kernel emits y, z, ẏ and ż from shared X/W tiles.
         (px, tx), (pw, tw), (pb, tb) = duals
         # Below the transforms: new tensors (the kernel's outputs) must be plain, not jvp-level wrappers.
         with torch.no_grad(), torch._C._DisableFuncTorch():
-            pre = backend.select(px.device).forward(px, pw, pb, act, store_preact=act.needs_z, x_tangent=tx,
-                                                    weight_tangent=tw, bias_tangent=tb,
-                                                    store_preact_tangent=act.needs_z)
+            pre = backend.for_tensor(px).forward(px, pw, pb, act, store_preact=act.needs_z, x_tangent=tx,
+                                                 weight_tangent=tw, bias_tangent=tb, store_preact_tangent=act.needs_z)
         return FusedLinearFunction.apply(x, weight, bias, act, pre, weight_main_grad)[0]
     if wrapped or duals is not None:  # torch.func transforms and forward AD need setup_context style
         return FusedLinearFunction.apply(x, weight, bias, act, None, weight_main_grad)[0]
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return FusedLinearEagerFunction.apply(x, weight, bias, act, None, weight_main_grad)[0]
+        if torch._C._are_functorch_transforms_active() or is_functorch_tensor(weight_main_grad):
+            return FusedLinearEagerFunction.apply(x, weight, bias, act, None, weight_main_grad)[0]
+        return _EAGER_APPLY(x, weight, bias, act, None, weight_main_grad)[0]
     # Nothing to differentiate (no_grad, inference_mode, or no input requires grad): no graph,
     # nothing saved, no pre-activation written.
-    return backend.select(x.device).forward(x, weight, bias, act)[0]
+    return backend.for_tensor(x).forward(x, weight, bias, act)[0]
 
 
 def _traced(x, weight, bias, act, weight_main_grad):

@@ -62,6 +62,21 @@ def select(device, in_graph=False):
     return chosen
 
 
+#: The Backends of a CPU and a CUDA tensor outside a graph, decided once (at import the interpreter
+#: setting is known): ``for_tensor``'s per-call answer is two attribute reads.
+_CPU = _BACKENDS[_name("cpu", False)]
+_CUDA = _BACKENDS[_name("cuda", False)]
+
+
+def for_tensor(t):
+    """``select(t.device)`` for a plain call, without building the device object for CPU and CUDA."""
+    if t.is_cuda:
+        return _CUDA
+    if t.is_cpu:
+        return _CPU
+    return select(t.device)
+
+
 #: The tensor types the kernels take. Functorch's wrappers are of type torch.Tensor; any Python subclass
 #: (DTensor, fake and functional tensors, other ``__torch_dispatch__`` wrappers) is not.
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)

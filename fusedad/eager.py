@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from . import derivatives
+from .activations import lookup
+
+_IDENTITY = lookup(None)  # dZ is already formed: the gradients' chain is the identity
 
 
 def linear_forward(x, weight, bias, act, store_preact=False,
@@ -22,8 +25,13 @@ def linear_forward(x, weight, bias, act, store_preact=False,
 
 def linear_backward(grad_y, x, weight, saved, act, need_x=True, need_weight=True, need_bias=False,
                     weight_grad_out=None):
-    """-> (grad_x or None, grad_w or None, grad_b or None); see ``kernels.linear.linear_backward``."""
-    dx, dw, db = derivatives.gradients(grad_y, None, x, weight, saved, act, need_x, need_weight, need_bias,
+    """-> (grad_x or None, grad_w or None, grad_b or None); see ``kernels.linear.linear_backward``.
+
+    First order only (the autograd Function calls it with grad mode off, a custom op's body below
+    autograd): dZ by PyTorch's own fused activation backward (``Activation.first_order_chain``), then
+    ``derivatives.gradients``' products and sum."""
+    dz = act.first_order_chain(grad_y, saved) if act.saves is not None else grad_y
+    dx, dw, db = derivatives.gradients(dz, None, x, weight, None, _IDENTITY, need_x, need_weight, need_bias,
                                        torch.mm)
     if dw is not None and weight_grad_out is not None:
         dw = weight_grad_out.add_(dw)

@@ -51,6 +51,16 @@ def _pow2_clamp(n, lo, hi):
     return p
 
 
+#: The one "config" of a torch row (``torch_rows.py``): ATen chooses its own algorithm, so there are no
+#: tiles to tune; the fields are placeholders that only name the entry in the cache.
+TORCH_CONFIG = TileConfig(BLOCK_M=1, BLOCK_N=1, BLOCK_K=1, GROUP_M=1, num_warps=1, num_stages=1)
+
+
+def torch_config(M, N, K, dtype):
+    """The config space of a torch row: its single placeholder."""
+    return [TORCH_CONFIG]
+
+
 def interpreter_config(M, N, K):
     """Small power-of-two tiles (16 … 64) that cover tiny shapes in one or few programs."""
     return TileConfig(BLOCK_M=_pow2_clamp(M, 16, 64), BLOCK_N=_pow2_clamp(N, 16, 64), BLOCK_K=_pow2_clamp(K, 16, 64),
@@ -155,6 +165,9 @@ def autotune_enabled():
 
 
 _CACHE = {}
+#: key -> [(item, milliseconds or None if it failed)] for every key this process timed, in timing order
+#: (what ``tuning_report`` returns: which row won and by how much).
+_TIMINGS = {}
 # Held while a key is tuned: threads asking for the same new key wait for one timing search instead of
 # running their own at once (their launches would also skew each other's timings). Hits skip it. Also
 # guards the on-disk layer (_DISK, the file).
@@ -279,18 +292,40 @@ def tuned_config(key, M, N, K, dtype, run, bench, tune=True, space=None):
                 return item
         if not tune:
             return cands[0]
-        best, best_ms = cands[0], float("inf")
+        best, best_ms, timed = cands[0], float("inf"), []
         for cfg in cands:
             try:
                 ms = bench(lambda cfg=cfg: run(cfg))
             except Exception:  # noqa: BLE001 - OutOfResources / compile errors: not a usable config
+                timed.append((cfg, None))
                 continue
+            timed.append((cfg, ms))
             if ms < best_ms:
                 best, best_ms = cfg, ms
         _CACHE[key] = best
-        _disk_entries()[_key_str(key)] = _encode(best)
-        _write_disk({_key_str(key): _encode(best)})
+        _TIMINGS[key] = timed
+        entry = dict(_encode(best), timings=[dict(_encode(c), ms=ms) for c, ms in timed])
+        _disk_entries()[_key_str(key)] = entry
+        _write_disk({_key_str(key): entry})
     return best
+
+
+def tuning_report():
+    """Every key this process timed: [(key, [(item, ms or None), ...])], in the order they were tuned.
+    An item is a TileConfig or a (variant name, TileConfig) pair; the fastest is the one kept."""
+    return list(_TIMINGS.items())
+
+
+def _launch_key(device_name, kernel_name, flags, M, N, K, dtype):
+    # ACCUMULATE_* never key a result: an accumulating launch takes the same launch's plain choice
+    key_flags = tuple(sorted((k, False if k.startswith("ACCUMULATE_") else v) for k, v in flags.items()))
+    return (device_name, kernel_name, key_flags, m_bucket(M), N, K, dtype)
+
+
+def cached_choice(device_name, kernel_name, flags, M, N, K, dtype):
+    """The item tuned for this launch's key in this process (or loaded), else None; never times, never
+    reads the disk (``launch_config`` does, once per key)."""
+    return _CACHE.get(_launch_key(device_name, kernel_name, flags, M, N, K, dtype))
 
 
 def launch_config(device_name, kernel_name, flags, M, N, K, dtype, run, bench, traced=False, space=None):
@@ -303,8 +338,7 @@ def launch_config(device_name, kernel_name, flags, M, N, K, dtype, run, bench, t
     * ``traced`` (inside a torch.compile trace) times nothing either: a cache hit or the heuristic.
     """
     accumulating = bool(flags.get("ACCUMULATE_DW", False) or flags.get("ACCUMULATE_DX", False))
-    key_flags = {k: (False if k.startswith("ACCUMULATE_") else v) for k, v in flags.items()}
-    key = (device_name, kernel_name, tuple(sorted(key_flags.items())), m_bucket(M), N, K, dtype)
+    key = _launch_key(device_name, kernel_name, flags, M, N, K, dtype)
     return tuned_config(key, M, N, K, dtype, run, bench, tune=not traced and not accumulating, space=space)
 
 
@@ -342,6 +376,7 @@ def clear_cache(disk=False):
     global _DISK
     with _TUNE_LOCK:
         _CACHE.clear()
+        _TIMINGS.clear()
         _DISK = None
         if disk:
             try:

@@ -19,6 +19,7 @@ import triton
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import configs, variants
+from .variants import cdiv
 from ..activations import lookup
 from .gemm import _linear_fwd_kernel
 
@@ -113,9 +114,26 @@ def force_int64():
         _FORCED_INT64.pop()
 
 
+def _small(t):
+    """Offsets of ``t`` fit in int32 for sure: contiguous and fewer than 2³¹ − 1 elements (its largest
+    offset is then numel − 1). Two C calls instead of ``_max_offset``'s walk over the strides."""
+    return t.numel() < _INT32_LIMIT - 1 and t.is_contiguous()
+
+
 def needs_int64(*tensors):
     """True if any tensor has an element offset ≥ 2³¹ (int32 index math would wrap)."""
-    return bool(_FORCED_INT64) or any(t is not None and _max_offset(t) >= _INT32_LIMIT - 1 for t in tensors)
+    if _FORCED_INT64:
+        return True
+    for t in tensors:
+        if t is not None and not _small(t) and _max_offset(t) >= _INT32_LIMIT - 1:
+            return True
+    return False
+
+
+#: What ``torch.backends.cuda.matmul.allow_tf32`` reads (its module ``__getattr__`` walks a chain of
+#: names first), asked directly where this torch has it.
+_cublas_allow_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", None) or (
+    lambda: torch.backends.cuda.matmul.allow_tf32)
 
 
 def dot_precision(dtype):
@@ -124,7 +142,7 @@ def dot_precision(dtype):
     Triton's default for fp32 is TF32, PyTorch's is IEEE (``torch.backends.cuda.matmul.allow_tf32`` is
     False unless ``torch.set_float32_matmul_precision("high"/"medium")`` or the flag is set).
     """
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and _cublas_allow_tf32():
         return "tf32"
     return "ieee"
 
@@ -156,76 +174,148 @@ def _ensure_allocator():
         triton.set_allocator(_descriptor_scratch)
 
 
-def _launch(direction, args, flags, M, N, K, dtype, device, tensors, wrap=None, variant=None, config=None):
-    """Select the kernel variant and its config (unless given: interpreter / cached autotune over the
-    applicable (variant, config) pairs / heuristic), record the launch(es) and run them.
+_NO_DEVICE_SWITCH = contextlib.nullcontext()  # reusable: it holds no state
+
+
+def _on_device(device):
+    """The tensors' own CUDA device as the current one (a backward may run on another thread/device);
+    nothing to switch for a CPU tensor."""
+    return torch.cuda.device(device) if device.type == "cuda" else _NO_DEVICE_SWITCH
+
+
+def _check_not_jit_tracing(variant):
+    if torch.jit.is_tracing():
+        # The tracer cannot record a Triton launch: the trace would keep the output's allocation and
+        # replay uninitialised memory. fusedad.linear / fusedad.nn.Linear never get here while tracing
+        # (they call the fusedad::linear_fwd op, inside which tracing is off); direct kernel calls do.
+        raise RuntimeError(
+            f"fusedad.kernels: a {variant.name} launch cannot be recorded by torch.jit.trace. Trace fusedad.linear "
+            "or fusedad.nn.Linear (recorded as the fusedad::linear_fwd op), or capture the model with "
+            "torch.export.export")
+
+
+def _do_bench(fn):
+    return triton.testing.do_bench(fn, warmup=5, rep=20)
+
+
+def _pick(direction, problem, device, traced, run, variant=None):
+    """(variant, config) for one launch: the interpreter's small tile; else the autotuner's choice over
+    the applicable (variant, config) pairs (``variants.tuning_space``: Triton rows and torch rows alike),
+    cached per key, or the heuristic's first pair when autotuning is off.
+
+    run(variant, cfg) performs the whole launch once without recording it (what the tuner times: for the
+    backward that includes its dZ pass). variant: fixed by the caller — only its tiles are tuned.
+    traced: inside a torch.compile trace — nothing is timed, no torch row and no descriptor kernel is
+    offered (``variants.select``).
+    """
+    M, N, K, dtype = problem.M, problem.N, problem.K, problem.dtype
+    chosen = variant or variants.select(direction, problem, descriptors=not traced)
+    _check_not_jit_tracing(chosen)
+    if INTERPRETER:
+        return chosen, configs.interpreter_config(M, N, K)
+    forced = variant is None and variants.forced(direction) is not None
+    # the fixed or forced variant's name keys the cache when only its tiles are tuned, else the direction
+    key_name = chosen.name if variant is not None or forced else direction
+    device_name = _device_name(device.index)
+    hit = configs.cached_choice(device_name, key_name, problem.flags, M, N, K, dtype)
+    if hit is not None:
+        # The per-call path once a key is tuned: no config spaces, no tuning space. The cached row must
+        # be one this launch may run (a key does not hold the operands' layout, nor whether the launch
+        # accumulates); otherwise the full path below decides.
+        cached = variants.by_name(hit[0]) if isinstance(hit, tuple) else None
+        if cached is not None and (cached is chosen or (variant is None and not forced and cached.direction == direction
+                                                        and variants.offered(cached, not traced)
+                                                        and cached.applies(problem))):
+            return cached, hit[1]
+    if not configs.autotune_enabled():  # FUSEDAD_AUTOTUNE=0: the heuristic pair, the tuning space's first
+        return chosen, chosen.config_space(M, N, K, dtype)[0]
+    if variant is not None:  # the caller fixed the variant: tune its tiles only
+        pairs = [(variant, c) for c in variant.config_space(M, N, K, dtype)]
+    else:  # tune over (variant, config)
+        pairs = variants.tuning_space(direction, problem, descriptors=not traced)
+    by_name = {v.name: v for v, _ in pairs}
+
+    def timed(item):
+        name, c = item
+        run(by_name[name], c)
+        return item  # (for a fake timer in the tests: which pair this run was)
+
+    with _on_device(device):
+        name, cfg = configs.launch_config(
+            device_name, key_name, problem.flags, M, N, K, dtype, timed, _do_bench, traced=traced,
+            space=lambda *_: [(v.name, c) for v, c in pairs])
+    if name not in by_name:
+        # A choice tuned for this key that this launch cannot run (an accumulating launch reuses the
+        # plain launch's choice, which may be a torch row; a layout the cached row does not take): the
+        # heuristic's pair.
+        return pairs[0]
+    return by_name[name], cfg
+
+
+def _launch(direction, args, flags, M, N, K, dtype, device, tensors, wrap=None, variant=None, config=None,
+            record=True):
+    """Pick the variant and config (unless ``config`` is given with ``variant``), record the launch(es)
+    and run them.
 
     wrap: None for a plain launch, or ``torch.library.wrap_triton`` when called from a ``triton_op``
     body that torch.compile traces — then nothing may be timed, so the pair comes from the autotune
     cache if this shape was tuned eagerly (in this process or on disk), else from the heuristic.
     """
     problem = variants.Problem(M, N, K, dtype, tensors, flags)
-    # Inside a torch.compile trace (wrap) the kernels that build tensor descriptors in-kernel are left
-    # out: whether the compiled graph provides their global scratch memory is untested.
-    traced = wrap is not None
-    chosen = variant or variants.select(direction, problem, descriptors=not traced)
-    if torch.jit.is_tracing():
-        # The tracer cannot record a Triton launch: the trace would keep the output's allocation and
-        # replay uninitialised memory. fusedad.linear / fusedad.nn.Linear never get here while tracing
-        # (they call the fusedad::linear_fwd op, inside which tracing is off); direct kernel calls do.
-        raise RuntimeError(
-            f"fusedad.kernels: a {chosen.name} launch cannot be recorded by torch.jit.trace. Trace fusedad.linear or "
-            "fusedad.nn.Linear (recorded as the fusedad::linear_fwd op), or capture the model with "
-            "torch.export.export")
     if config is not None:
-        variant, cfg = chosen, config
-    elif INTERPRETER:
-        variant, cfg = chosen, configs.interpreter_config(M, N, K)
+        _check_not_jit_tracing(variant)
+        chosen, cfg = variant, config
     else:
-        if variant is not None:  # the caller fixed the variant: tune its tiles only
-            pairs = [(variant, c) for c in variant.config_space(M, N, K, dtype)]
-            key_name = variant.name
-        else:  # tune over (variant, config): the forced variant's name, or the direction, keys the cache
-            pairs = variants.tuning_space(direction, problem, descriptors=not traced)
-            key_name = chosen.name if variants.forced(direction) else direction
-        by_name = {v.name: v for v, _ in pairs}
+        chosen, cfg = _pick(direction, problem, device, wrap is not None,
+                            lambda v, c: _run(v, c, problem, args, flags, None, device, record=False), variant)
+    _run(chosen, cfg, problem, args, flags, wrap, device, record)
 
-        def run(item):
-            name, c = item
-            _run(by_name[name], c, problem, args, flags, None, device, record=False)
 
-        with torch.cuda.device(device):
-            name, cfg = configs.launch_config(
-                _device_name(device.index), key_name, flags, M, N, K, dtype, run,
-                lambda fn: triton.testing.do_bench(fn, warmup=5, rep=20), traced=wrap is not None,
-                space=lambda *_: [(v.name, c) for v, c in pairs])
-        variant = by_name.get(name, chosen)
-    _run(variant, cfg, problem, args, flags, wrap, device, record=True)
+def _record(name, grid, flags, args):
+    for log in _RECORDERS:
+        log.append(Launch(name, grid, dict(flags), args))
 
 
 def _run(variant, cfg, problem, args, flags, wrap, device, record):
-    """Launch ``variant`` with ``cfg``: one kernel on its grid, or its own ``launch`` (several kernels)."""
+    """Launch ``variant`` with ``cfg``: one kernel on its grid, its own ``launch`` (several kernels), or
+    a torch row's torch ops."""
+    if variant.is_torch:
+        if record and _RECORDERS:
+            _record(variant.name, variant.grid(problem, cfg), dict(flags, **variant.flags), problem.tensors)
+        with _on_device(device):
+            variant.torch(problem)
+        return
+
     def launch_one(v, grid, a):
-        if record:
-            for log in _RECORDERS:
-                log.append(Launch(v.name, grid, dict(flags, **v.flags, **cfg.launch_kwargs()), a))
+        if record and _RECORDERS:
+            _record(v.name, grid, dict(flags, **v.flags, **_kwargs(cfg)), a)
         if grid[0] == 0:
             return
         launcher = v.kernel if wrap is None else wrap(v.kernel)
         if INTERPRETER:
             with _INTERPRETER_LOCK:
-                launcher[grid](*a, **flags, **v.flags, **cfg.launch_kwargs())
+                launcher[grid](*a, **flags, **v.flags, **_kwargs(cfg))
         else:
             if v.descriptors:
                 _ensure_allocator()
             # The tensors' own device, not the current one: a backward may run on another thread/device.
-            with torch.cuda.device(device):
-                launcher[grid](*a, **flags, **v.flags, **cfg.launch_kwargs())
+            with _on_device(device):
+                launcher[grid](*a, **flags, **v.flags, **_kwargs(cfg))
 
     if variant.launch is not None:
         variant.launch(problem, cfg, args, launch_one)
     else:
         launch_one(variant, variant.grid(problem, cfg), args)
+
+
+_KWARGS = {}  # TileConfig -> its launch keyword arguments (dataclasses.asdict is slow on a hot path)
+
+
+def _kwargs(cfg):
+    kw = _KWARGS.get(cfg)
+    if kw is None:
+        kw = _KWARGS[cfg] = cfg.launch_kwargs()
+    return kw
 
 
 def linear_forward(x, weight, bias=None, activation=None, store_preact=False,
@@ -311,14 +401,34 @@ def linear_backward(grad_y, x, weight, saved, activation=None,
     common = _common_flags(ref.dtype, *tensors[:6])
     plan = dict(COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
                 ACCUMULATE_DX=accumulate_dx and compute_dx, ACCUMULATE_DW=accumulate and compute_dw)
-    variant = variants.select("bwd", variants.Problem(M, N, K, ref.dtype, tensors, dict(plan, ACT=act.kernel_id)))
+    flags = dict(plan, ACT=act.kernel_id, **common)
+    problem = variants.Problem(M, N, K, ref.dtype, tensors, flags)
+    # The whole backward (a dZ pass and its GEMMs, or one prologue launch, or torch's mm) is what the
+    # tuner compares: each candidate is timed end to end.
+    variant, cfg = _pick("bwd", problem, ref.device, wrap is not None,
+                         lambda v, c: _backward_with(v, c, problem, act, common, wrap=None, record=False))
+    _backward_with(variant, cfg, problem, act, common, wrap, record=True)
+    return dx, dw, db
+
+
+def _backward_with(variant, cfg, problem, act, common, wrap, record):
+    """Run the backward ``problem`` (outputs in its tensors) with one row of the table and its config."""
+    if variant.is_torch:
+        _run(variant, cfg, problem, (), problem.flags, wrap, problem.tensors[0].device, record)
+        return
+    grad_y, x, weight, saved, dx, dw, db = problem.tensors
+    M, N, K = problem.M, problem.N, problem.K
+    ref = x if x is not None else weight if weight is not None else grad_y
+    plan = {k: problem.flags[k] for k in ("COMPUTE_DX", "COMPUTE_DW", "COMPUTE_DB", "ACCUMULATE_DX",
+                                          "ACCUMULATE_DW")}
+    compute_db = plan["COMPUTE_DB"]
     operand, prologue_act = grad_y, act
     if variant.dz_pass and (act.saves is not None or compute_db):
         # dZ (and db) once per element; the GEMMs below then read dZ as plain operands.
-        operand = _dz_pass(grad_y, saved, act, db if compute_db else None, common, wrap)
+        operand = _dz_pass(grad_y, saved, act, db if compute_db else None, common, wrap, record)
         prologue_act, plan["COMPUTE_DB"] = lookup(None), False
-        if not (compute_dx or compute_dw):
-            return dx, dw, db
+        if not (plan["COMPUTE_DX"] or plan["COMPUTE_DW"]):
+            return
     s = saved if prologue_act.saves is not None else operand
     args = (
         operand, _or(x, ref), _or(weight, ref), s, _or(dx, ref), _or(dw, ref), _or(db, ref),
@@ -327,12 +437,11 @@ def linear_backward(grad_y, x, weight, saved, activation=None,
         *_strides(dx, 2), *_strides(dw, 2), *_strides(db, 1)[:1],
     )
     # Both products share one config (one launch); the autotune key holds all of M, N, K.
-    _launch("bwd", args, dict(plan, ACT=prologue_act.kernel_id, **common), M, N, K, ref.dtype, ref.device, tensors,
-            wrap, variant)
-    return dx, dw, db
+    _launch("bwd", args, dict(plan, ACT=prologue_act.kernel_id, **common), M, N, K, ref.dtype, ref.device,
+            problem.tensors, wrap, variant, cfg, record)
 
 
-def _dz_pass(grad_y, saved, act, db, common, wrap):
+def _dz_pass(grad_y, saved, act, db, common, wrap, record=True):
     """One elementwise launch: dZ = dY ⊙ act'(saved) in dY's dtype (returned; dY itself without an
     activation) and, if ``db`` is given, db = Σ_rows dZ written into it. db's per-row-block partial sums
     are fp32 (fp64 for fp64) and added in a fixed order: deterministic, no atomics."""
@@ -346,11 +455,11 @@ def _dz_pass(grad_y, saved, act, db, common, wrap):
     # One fixed tile (nothing to tune in an elementwise pass): it also sets the rows of db's partial sums.
     cfg = variant.config_space(M, N, 0, grad_y.dtype)[0]
     acc_dtype = torch.float64 if common["FP64"] else torch.float32
-    partial = (torch.empty((triton.cdiv(M, cfg.BLOCK_M), N), dtype=acc_dtype, device=grad_y.device)
+    partial = (torch.empty((cdiv(M, cfg.BLOCK_M), N), dtype=acc_dtype, device=grad_y.device)
                if db is not None else dz)
     s = saved if act.saves is not None else grad_y
     args = (grad_y, s, dz, partial, M, N, *grad_y.stride(), *s.stride(), *dz.stride(), partial.stride(0))
-    _launch("dz", args, flags, M, N, 0, grad_y.dtype, grad_y.device, problem.tensors, wrap, variant, cfg)
+    _launch("dz", args, flags, M, N, 0, grad_y.dtype, grad_y.device, problem.tensors, wrap, variant, cfg, record)
     if db is not None:
         db.copy_(partial.sum(0))
     return dz

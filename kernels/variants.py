@@ -16,7 +16,7 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from . import configs
+from . import configs, torch_rows
 from .gemm import (_dz_kernel, _linear_bwd_kernel, _linear_fwd_kernel, _linear_fwd_splitk_kernel,
                    _linear_fwd_splitk_reduce_kernel, _linear_fwd_tangent_kernel, _linear_fwd_tma_kernel)
 from .mlp_gemm import _gated_dual_bwd_kernel, _gated_up_fwd_kernel, _mlp_down_bwd_kernel
@@ -29,9 +29,11 @@ INTERPRETER_SMS = 2
 DECODE_M = 16
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(eq=False)
 class Problem:
-    """One launch as the selector sees it. M×N is the forward's output, K its reduction length."""
+    """One launch as the selector sees it. M×N is the forward's output, K its reduction length.
+    (Not frozen: built once per launch, and a frozen dataclass's __init__ sets each field through
+    object.__setattr__ — measurable on the per-call path. Treat it as read-only.)"""
 
     M: int
     N: int
@@ -41,12 +43,19 @@ class Problem:
     flags: dict  #: the launch's constexpr flags (the grid of the backward depends on them)
 
 
+def cdiv(a, b):
+    """⌈a / b⌉ for the host's grid arithmetic. (``triton.cdiv`` is a JIT function: called from Python it
+    goes through Triton's argument handling, which cost more than the rest of a forward launch's host
+    work together — profiled with the launcher stubbed, docs/torch-rows-and-host-path.md.)"""
+    return -(-a // b)
+
+
 def _any_layout(problem):
     return True
 
 
 def _forward_grid(p, cfg):
-    return (triton.cdiv(p.M, cfg.BLOCK_M) * triton.cdiv(p.N, cfg.BLOCK_N),)
+    return (cdiv(p.M, cfg.BLOCK_M) * cdiv(p.N, cfg.BLOCK_N),)
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,16 +105,16 @@ def _never(p):
 def splitk_plan(p, cfg):
     """(splits, K per split) of the decode path: enough K splits that the N tiles × splits keep ≥ 2 waves
     of CTAs streaming W (2 × SMs programs), each split a whole number of BLOCK_K blocks, none empty."""
-    n_tiles = triton.cdiv(p.N, cfg.BLOCK_N)
-    k_blocks = max(1, triton.cdiv(p.K, cfg.BLOCK_K))
-    splits = max(1, min(k_blocks, triton.cdiv(2 * num_sms(p), n_tiles)))
-    blocks_per_split = triton.cdiv(k_blocks, splits)
-    splits = triton.cdiv(k_blocks, blocks_per_split)
+    n_tiles = cdiv(p.N, cfg.BLOCK_N)
+    k_blocks = max(1, cdiv(p.K, cfg.BLOCK_K))
+    splits = max(1, min(k_blocks, cdiv(2 * num_sms(p), n_tiles)))
+    blocks_per_split = cdiv(k_blocks, splits)
+    splits = cdiv(k_blocks, blocks_per_split)
     return splits, blocks_per_split * cfg.BLOCK_K
 
 
 def _splitk_grid(p, cfg):
-    return (triton.cdiv(p.N, cfg.BLOCK_N), splitk_plan(p, cfg)[0])
+    return (cdiv(p.N, cfg.BLOCK_N), splitk_plan(p, cfg)[0])
 
 
 def _splitk_launch(p, cfg, args, launch_one):
@@ -115,17 +124,17 @@ def _splitk_launch(p, cfg, args, launch_one):
     acc_dtype = torch.float64 if p.flags.get("FP64") else torch.float32
     part = torch.empty((splits, p.M, p.N), dtype=acc_dtype, device=p.tensors[0].device)
     launch_one(by_name("linear_fwd_splitk"), _splitk_grid(p, cfg), (*args, part, k_split))
-    launch_one(by_name("linear_fwd_splitk_reduce"), (triton.cdiv(p.N, cfg.BLOCK_N),), (*args, part, splits))
+    launch_one(by_name("linear_fwd_splitk_reduce"), (cdiv(p.N, cfg.BLOCK_N),), (*args, part, splits))
 
 
 def _backward_grid(p, cfg):
     """dX tiles (M×K), then dW tiles (N×K) — or, for the bias alone, one row-sum program per BLOCK_M of N."""
     f = p.flags
-    tiles_dx = triton.cdiv(p.M, cfg.BLOCK_M) * triton.cdiv(p.K, cfg.BLOCK_N) if f["COMPUTE_DX"] else 0
+    tiles_dx = cdiv(p.M, cfg.BLOCK_M) * cdiv(p.K, cfg.BLOCK_N) if f["COMPUTE_DX"] else 0
     if f["COMPUTE_DW"]:
-        tiles_dw = triton.cdiv(p.N, cfg.BLOCK_M) * triton.cdiv(p.K, cfg.BLOCK_N)
+        tiles_dw = cdiv(p.N, cfg.BLOCK_M) * cdiv(p.K, cfg.BLOCK_N)
     else:
-        tiles_dw = triton.cdiv(p.N, cfg.BLOCK_M) if f["COMPUTE_DB"] else 0
+        tiles_dw = cdiv(p.N, cfg.BLOCK_M) if f["COMPUTE_DB"] else 0
     return (tiles_dx + tiles_dw,)
 
 
@@ -150,7 +159,7 @@ def _gated_dual_bwd_grid(p, cfg):
 class Variant:
     name: str  #: recorded in each Launch and part of the autotune key
     direction: str  #: "fwd", "fwd_tangent" or "bwd"
-    kernel: object  #: the ``@triton.jit`` kernel
+    kernel: object  #: the ``@triton.jit`` kernel (None for a torch row)
     grid: Callable  #: grid(problem, cfg) -> (programs,)
     config_space: Callable  #: config_space(M, N, K, dtype) -> [TileConfig, ...], the heuristic's pick first
     applies: Callable  #: applies(problem) -> bool
@@ -169,6 +178,12 @@ class Variant:
     #: constexpr flags fixed by this row (e.g. ``WARP_SPECIALIZE``: two rows, one kernel), passed by name
     #: beside the call's flags (and recorded with them in a ``Launch``).
     flags: Mapping = dataclasses.field(default_factory=dict, hash=False)
+    #: a torch row: torch(problem) computes the launch with torch ops (``torch_rows.py``) instead of a kernel
+    torch: Optional[Callable] = None
+
+    @property
+    def is_torch(self):
+        return self.torch is not None
 
     def __post_init__(self):
         object.__setattr__(self, "flags", types.MappingProxyType(dict(self.flags)))
@@ -179,7 +194,18 @@ _BWD_UNIT_STRIDES = frozenset({"stride_dyn", "stride_xk", "stride_wk", "stride_s
 
 _FWD_UNIT_STRIDES = frozenset({"stride_xk", "stride_wk", "stride_b", "stride_yn", "stride_zn"})
 
+def _no_grid(p, cfg):
+    return (1,)
+
+
 VARIANTS = (
+    # torch's own product (cuBLAS on CUDA): never the default; the tuner keeps it for a key only when it
+    # timed it faster than every Triton row timed there (it is listed first among the non-default rows
+    # so that the bounded tuning space always holds it). Not offered inside a torch.compile trace.
+    Variant("linear_fwd_torch", "fwd", None, _no_grid, configs.torch_config, torch_rows.applies_forward,
+            default=False, torch=torch_rows.forward),
+    Variant("linear_bwd_torch", "bwd", None, _no_grid, configs.torch_config, torch_rows.applies_backward,
+            default=False, torch=torch_rows.backward),
     # Decode (M ≤ 16): split-K so that ≥ 2 waves of CTAs stream the weight; a fixed-order reduction with
     # the epilogue follows (the row below). Any strides (pointer loads through the shared tile body).
     Variant("linear_fwd_splitk", "fwd", _linear_fwd_splitk_kernel, _splitk_grid, configs.decode_candidates,
@@ -257,18 +283,24 @@ def forced(direction):
 
 
 def by_name(name):
-    for variant in VARIANTS:
+    for variant in VARIANTS:  # (a dozen rows: a scan, so that a patched VARIANTS is seen)
         if variant.name == name:
             return variant
     raise KeyError(f"fusedad: no kernel variant named {name!r}; the table has {[v.name for v in VARIANTS]}")
 
 
+def offered(variant, descriptors):
+    """descriptors=False (inside a torch.compile trace): neither a row that builds tensor descriptors
+    nor a torch row (the compiled graph keeps the Triton launch it was traced with)."""
+    return descriptors or not (variant.descriptors or variant.is_torch)
+
+
 def select(direction, problem, descriptors=True):
     """The variant forced by ``use`` if it applies, else the first default variant of ``direction``
-    that applies to ``problem``. descriptors=False: none that builds tensor descriptors."""
+    that applies to ``problem``. descriptors=False: none that builds tensor descriptors, no torch row."""
     def ok(variant):
         # (the descriptor check first: inside a trace the tensors may be fake, without a data pointer)
-        return (descriptors or not variant.descriptors) and variant.applies(problem)
+        return offered(variant, descriptors) and variant.applies(problem)
 
     forced = _FORCED.get(direction)
     if forced is not None:
@@ -297,7 +329,6 @@ def tuning_space(direction, problem, descriptors=True):
     pairs = [(first, c) for c in first.config_space(p.M, p.N, p.K, p.dtype)]
     if _FORCED.get(direction) is None:
         for v in VARIANTS:
-            if (v.direction == direction and v is not first and (descriptors or not v.descriptors)
-                    and v.applies(p)):
+            if v.direction == direction and v is not first and offered(v, descriptors) and v.applies(p):
                 pairs += [(v, c) for c in v.config_space(p.M, p.N, p.K, p.dtype)[:OTHER_VARIANT_CONFIGS]]
     return pairs[:MAX_TUNING_PAIRS]

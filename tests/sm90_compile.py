@@ -112,7 +112,7 @@ SPECIAL = [
 def _variants():
     from fusedad.kernels import variants
 
-    return variants.VARIANTS
+    return tuple(v for v in variants.VARIANTS if not v.is_torch)  # torch rows have no kernel to lower
 
 
 def _variant(name):

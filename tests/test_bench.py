@@ -470,7 +470,29 @@ def test_overhead_script_runs():
 
     result = overhead.measure("cpu", rounds=2, calls=3)
     assert set(result) == {"forward (no_grad)", "forward (recording)", "forward+backward"}
-    assert all(a > 0 and b > 0 for a, b in result.values())
+    assert all(a > 0 and b > 0 and floor > 0 for a, b, floor in result.values())  # + the Function floor
+
+
+def test_overhead_launcher_mode_runs_the_launch_path_with_every_launch_stubbed(tmp_path):
+    """--launcher: fusedad's CUDA launch path on CPU tensors (the launch log shows the rows it picked),
+    no Triton kernel run, and everything it patched put back afterwards."""
+    import importlib
+
+    from bench import overhead
+    from fusedad.kernels import linear as launcher
+    from fusedad.kernels import record_launches, variants
+
+    backend = importlib.import_module("fusedad.backend")
+    before = (launcher.INTERPRETER, launcher._device_name, variants.VARIANTS, variants.num_sms, backend._CPU)
+    with overhead.stubbed_launcher(str(tmp_path)):
+        assert not launcher.INTERPRETER and all(v.kernel is None or isinstance(v.kernel, overhead._NoLaunch)
+                                                for v in variants.VARIANTS)
+        layer = fusedad.nn.Linear(64, 64, activation="gelu")
+        with record_launches() as log:
+            layer(torch.randn(8, 64, requires_grad=True)).sum().backward()
+    assert [launch.kernel for launch in log] == ["linear_fwd_splitk", "linear_fwd_splitk_reduce", "linear_dz",
+                                                 "linear_bwd"]
+    assert (launcher.INTERPRETER, launcher._device_name, variants.VARIANTS, variants.num_sms, backend._CPU) == before
 
 
 # --- CUDA-graph timing, on the CPU with a fake capture ----------------------------------------------
@@ -613,7 +635,7 @@ def test_forward_suite_runs_every_applicable_fwd_variant_f_linear_eager_and_the_
     rows = runner.run_suite(SUITES["forward"], _forward_plan(shapes, plant_mismatch=True), None, progress=False)
     names = [v.name for v in forward.fwd_variants()]
     assert {"linear_fwd", "linear_fwd_tma", "linear_fwd_tma_persistent", "linear_fwd_tma_ws",
-            "linear_fwd_splitk"} == set(names)
+            "linear_fwd_splitk", "linear_fwd_torch"} == set(names)
     for M in (1, 24):
         sub = {r["impl"]: r for r in rows if r["M"] == M}
         ran = [n for n in names if M == 1 or n != "linear_fwd_splitk"]
@@ -663,9 +685,10 @@ def test_forward_preset_is_the_protocol_plan():
     assert cuda["activations"] == ("gelu_tanh", "none") and cuda["dtypes"] == (torch.bfloat16,)
     cases = list(forward.cases(cuda, plan.make_plan("cuda", False)))
     assert len(cases) == 12 and not any(c.graph for c in cases)
-    # every TMA variant applies to the protocol's (aligned, bf16) shapes; split-K to the decode ones only
+    # every TMA variant (and torch's row) applies to the protocol's (aligned, bf16) shapes; split-K to the
+    # decode ones only
     for c in cases:
-        tma = {"linear_fwd", "linear_fwd_tma", "linear_fwd_tma_persistent", "linear_fwd_tma_ws"}
+        tma = {"linear_fwd", "linear_fwd_tma", "linear_fwd_tma_persistent", "linear_fwd_tma_ws", "linear_fwd_torch"}
         assert set(c.meta["variants"].split("+")) == tma | ({"linear_fwd_splitk"} if c.meta["M"] <= 16 else set())
 
 
@@ -757,7 +780,8 @@ def test_dry_run_backward_and_train_step_results(dry_run):
     tables = summary["tables"]
     assert len(tables["backward"]) == 10 and len(tables["backward_graph"]) == 5 and len(tables["train"]) == 4
     assert {line["compile"] for line in tables["train"]} == {"not run"}  # visible: compile is not run on CPU
-    assert set(tables["overhead"][0]) == {"phase", "nn.Linear µs", "fusedad µs", "added µs"}
+    assert set(tables["overhead"][0]) == {"phase", "nn.Linear µs", "fusedad µs", "added µs", "ratio"}
+    assert tables["tuning"] == [] and "no tuning on CPU" in (out / "summary.md").read_text()
 
 
 def test_dry_run_forward_step_results(dry_run):
@@ -834,6 +858,27 @@ def test_protocol_report_from_cuda_like_results(tmp_path):
     detail = {s["step"]: s["detail"] for s in summary["steps"]}
     assert detail["pytest"] == "120 passed in 89.0s (interrupted)" and "no train.json" not in md
     assert detail["backward"] == "6 rows: 1 ERROR, 5 ok; graphs: 3 ok; fusedad not ok: 0"
+
+
+def test_protocol_report_shows_the_tuners_choices(tmp_path):
+    """A tuned train step (synthetic results): the summary lists, per key, the row kept and its margin;
+    an untuned one says why there is no table."""
+    tuned_row = {"device": "NVIDIA H100 80GB HBM3", "launch": "fwd", "M bucket": 256, "N": 8192, "K": 4096,
+                 "dtype": "bfloat16", "flags": "ACT=0 HAS_BIAS=0 STORE_Z=0", "picked": "linear_fwd_torch",
+                 "picked_ms": 0.05, "runner_up": "linear_fwd_tma 128x128x64/w8s3", "runner_up_ms": 0.06,
+                 "margin": 1.2, "torch_ms": 0.05, "best_triton_ms": 0.06, "triton_over_torch": 1.2, "timed": 11,
+                 "failed": 0}
+    env = {"performance_figures": True, "device_name": "NVIDIA H100 80GB HBM3"}
+    steps = tmp_path / "steps.tsv"
+    steps.write_text("train\tPASS\t50\t55\tsteps.log\t\n")
+    for tuning, expect in (({"note": "", "rows": [tuned_row]}, "| fwd | ACT=0 HAS_BIAS=0 STORE_Z=0 | 256 |"),
+                           ({"note": "autotuning off (FUSEDAD_AUTOTUNE=0): the heuristic rows ran", "rows": []},
+                            "FUSEDAD_AUTOTUNE=1 bash bench/gpu_run.sh")):
+        (tmp_path / "train.json").write_text(json.dumps({"env": env, "rows": [], "tuning": tuning}))
+        md, summary = protocol.build(tmp_path, protocol.read_steps(steps), "mode: GPU\n", False)
+        assert "### train step: tuner choices" in md and expect in md
+        assert len(summary["tables"]["tuning"]) == len(tuning["rows"])
+    assert summary["tables"]["tuning"] == []
 
 
 def test_protocol_report_from_cuda_like_forward_results(tmp_path):

@@ -104,8 +104,9 @@ def test_sm90_compile_covers_every_variant_at_every_bucket():
     from fusedad.kernels import variants
 
     lowered = {(variant, M) for _, variant, _, _, _, M in rows()}
-    assert {(v.name, M) for v in variants.VARIANTS for M in BUCKETS.values()} <= lowered
-    for v in variants.VARIANTS:
+    kernel_rows = [v for v in variants.VARIANTS if not v.is_torch]  # torch rows have no kernel to lower
+    assert {(v.name, M) for v in kernel_rows for M in BUCKETS.values()} <= lowered
+    for v in kernel_rows:
         picks = {v.config_space(M, 4096, 4096, torch.bfloat16)[0] for M in (1, 16, 17, 64, 128, 129, 512, 8192)}
         assert picks == {v.config_space(M, 4096, 4096, torch.bfloat16)[0] for M in BUCKETS.values()}
 

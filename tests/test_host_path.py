@@ -1,0 +1,115 @@
+"""The per-call host path: what was moved out of it must not change any answer.
+
+* the one-check fast path of ``fusedad.linear`` takes exactly the calls the full check would pass
+  unchanged (everything else — broadcast biases, N-D inputs, autocast, errors — takes the full path);
+* the eager backend's first-order dZ (PyTorch's fused activation backward) equals the activation
+  table's differentiable chain, NaN and inf included;
+* the int64 decision's shortcut for contiguous tensors still sees every offset ≥ 2³¹;
+* the launcher reads a tuned key's choice without building the tuning space again.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedad
+from conftest import ACTS, randn, runs_kernels
+from fusedad import _validate
+from fusedad.activations import lookup
+from fusedad.kernels import configs, record_launches, variants
+from fusedad.kernels import linear as launcher
+
+
+def _args(dtype=torch.float32):
+    return randn(5, 8, dtype=dtype), randn(6, 8, dtype=dtype), randn(6, dtype=dtype)
+
+
+def test_the_fast_check_takes_only_calls_the_full_check_passes_unchanged():
+    x, w, b = _args()
+    assert _validate.common_2d_call(x, w, b) and _validate.common_2d_call(x, w, None)
+    not_common = [
+        (x.double(), w, b),  # dtype mismatch
+        (x, w, b.double()),
+        (x.to(torch.int32), w.to(torch.int32), None),  # unsupported dtype
+        (randn(5, 7), w, b),  # in_features mismatch
+        (x, w, randn(1)),  # broadcast bias (1,): the full path expands it
+        (x, w, torch.randn(())),  # and ()
+        (x, w, randn(7)),  # wrong bias
+        (x, w[0], None),  # 1-D weight
+        (randn(2, 5, 8), w, b),  # N-D input: folded by the full path
+        (randn(8), w, b),  # 1-D input
+        (x.tolist(), w, b),  # not a tensor
+        (x, w.to("meta"), None),  # two devices
+    ]
+    for args in not_common:
+        assert not _validate.common_2d_call(*args), [getattr(a, "shape", type(a)) for a in args]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _validate.common_2d_call(x, w, b)  # autocast casts: the full path
+
+
+@pytest.mark.parametrize("bias_shape", [(6,), (1,), ()])
+def test_fast_and_full_paths_agree(bias_shape):
+    x, w, _ = _args(torch.float64)
+    b = torch.randn(bias_shape, dtype=torch.float64)
+    y = fusedad.functional.linear(x, w, b, "silu")
+    torch.testing.assert_close(y, F.silu(F.linear(x, w, b)), rtol=1e-12, atol=1e-12)
+    y3 = fusedad.functional.linear(x.unsqueeze(0), w, b, "silu")  # the full path (3-D input)
+    torch.testing.assert_close(y3[0], y, rtol=0, atol=0)
+
+
+def test_errors_are_the_full_checks():
+    x, w, b = _args()
+    with pytest.raises(RuntimeError, match="in_features=8"):
+        fusedad.functional.linear(randn(5, 7), w, b)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        fusedad.functional.linear(x.double(), w, b)
+    with pytest.raises(TypeError, match="must be a Tensor"):
+        fusedad.functional.linear(x.tolist(), w, b)
+
+
+@pytest.mark.parametrize("act", [a for a in ACTS if a is not None])
+def test_first_order_chain_equals_the_differentiable_chain(act):
+    row = lookup(act)
+    z = randn(64, dtype=torch.float64, scale=3.0)
+    z[:4] = torch.tensor([0.0, -0.0, float("nan"), 1e-300], dtype=torch.float64)
+    saved = row.apply(z) if row.saves == "y" else z
+    g = randn(64, dtype=torch.float64)
+    g[4:8] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0], dtype=torch.float64)
+    torch.testing.assert_close(row.first_order_chain(g, saved), row.chain(g, saved), rtol=1e-13, atol=1e-15,
+                               equal_nan=True)
+
+
+def test_int64_shortcut_still_sees_large_offsets():
+    small = torch.empty(4, 4)
+    assert not launcher.needs_int64(small, small.t(), None)
+    big_contiguous = torch.empty(2**31, device="meta")  # largest offset 2³¹ − 1
+    strided = torch.empty(2, 2**31, device="meta")[:, :1]  # two elements, the second at offset 2³¹
+    assert launcher.needs_int64(small, big_contiguous) and launcher.needs_int64(strided)
+    assert not launcher.needs_int64(torch.empty(2**31 - 2, device="meta"))
+
+
+def test_a_tuned_key_is_read_without_building_the_tuning_space(monkeypatch, tmp_path):
+    """After the first call of a key, the launcher asks the cache first: no config space, no tuning space."""
+    if not runs_kernels("cpu"):
+        pytest.skip("the launcher runs only with the kernels (TRITON_INTERPRET=1 or a GPU); here fusedad is eager")
+    monkeypatch.setenv("FUSEDAD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FUSEDAD_AUTOTUNE", "1")
+    monkeypatch.setattr(launcher, "INTERPRETER", False)
+    monkeypatch.setattr(launcher, "_device_name", lambda index: "FakeGPU")
+    monkeypatch.setattr(launcher, "_do_bench", lambda fn: 1.0)  # (times nothing real: the first pair is kept)
+    real_pick = launcher._pick
+    monkeypatch.setattr(launcher, "_pick", lambda d, p, dev, tr, run, v=None: real_pick(d, p, dev, tr,
+                                                                                     lambda *a: None, v))
+    built = []
+    real_space = variants.tuning_space
+    monkeypatch.setattr(variants, "tuning_space", lambda *a, **k: built.append(a[0]) or real_space(*a, **k))
+    configs.clear_cache()
+    try:
+        layer = fusedad.nn.Linear(32, 24, activation="relu")
+        x = randn(40, 32, requires_grad=True)
+        for _ in range(3):
+            with record_launches() as log:
+                layer(x).sum().backward()
+            assert [launch.kernel for launch in log] == ["linear_fwd", "linear_dz", "linear_bwd"]
+        assert built == ["fwd", "bwd"]  # once per key, on its first call
+    finally:
+        configs.clear_cache()
