@@ -70,3 +70,130 @@ def _pypi_kernels_installed():
                           "print(s.origin if s else '')"], cwd="/", capture_output=True, text=True, timeout=60)
     origin = out.stdout.strip()
     return bool(origin) and not origin.startswith(os.path.join(ROOT, "kernels"))
+
+
+# ---- converted transformers models against transformers itself ----------------------------------------
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
+
+import copy  # noqa: E402
+
+import torch  # noqa: E402
+
+import fusedad  # noqa: E402
+from fusedad.kernels import record_launches  # noqa: E402
+from fusedad.recipes import FusedBlock, Recipe, activation_of  # noqa: E402
+
+T = transformers
+V, SEQ = 64, 8
+
+
+def _small(**kw):
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=V, **kw)
+
+
+def _quiet(config):
+    config.pad_token_id = config.bos_token_id = config.eos_token_id = 0  # ids inside the tiny vocabulary
+    return config
+
+
+_NO_DROP = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+#: name -> (build the model, MLP block class, activation the blocks must get, gated, AdamW steps checked)
+ARCHS = {
+    "llama": (lambda: T.LlamaForCausalLM(_quiet(T.LlamaConfig(**_small(num_key_value_heads=1)))),
+              "LlamaMLP", "silu", True, 0),
+    "mistral": (lambda: T.MistralForCausalLM(_quiet(T.MistralConfig(**_small(num_key_value_heads=2, hidden_act="relu2")))),
+                "MistralMLP", "relu2", True, 0),
+    "qwen2": (lambda: T.Qwen2ForCausalLM(_quiet(T.Qwen2Config(**_small(num_key_value_heads=2, hidden_act="gelu_fast")))),
+              "Qwen2MLP", "gelu_tanh", True, 0),
+    "gemma": (lambda: T.GemmaForCausalLM(_quiet(T.GemmaConfig(**_small(num_key_value_heads=2, head_dim=16,
+                                                                        hidden_act="gelu_pytorch_tanh",
+                                                                        hidden_activation="gelu_pytorch_tanh")))),
+              "GemmaMLP", "gelu_tanh", True, 0),
+    "phi3": (lambda: T.Phi3ForCausalLM(_quiet(T.Phi3Config(**_small(num_key_value_heads=2)))), "Phi3MLP", "silu", True, 2),
+    "gpt_neox": (lambda: T.GPTNeoXForCausalLM(_quiet(T.GPTNeoXConfig(**_small(hidden_act="relu")))),
+                 "GPTNeoXMLP", "relu", False, 0),
+    "gpt2": (lambda: T.GPT2LMHeadModel(_quiet(T.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=V, n_positions=16,
+                                                          activation_function="gelu_new", resid_pdrop=0.0,
+                                                          embd_pdrop=0.0, attn_pdrop=0.0))),
+             "GPT2MLP", "gelu_tanh", False, 2),
+    "bert": (lambda: T.BertForMaskedLM(_quiet(T.BertConfig(**_small(**_NO_DROP)))), "BertIntermediate", "gelu", False, 0),
+    "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(**{k: v for k, v in _small(**_NO_DROP).items() if k != "vocab_size"},
+                                                            image_size=8, patch_size=4, num_labels=3)),
+            "ViTMLP", "gelu", False, 0),
+}
+
+
+def _inputs(name):
+    if name == "vit":
+        return dict(pixel_values=torch.randn(2, 3, 8, 8, dtype=torch.float64), labels=torch.tensor([0, 2]))
+    ids = torch.randint(0, V, (2, SEQ))
+    return dict(input_ids=ids, labels=ids)
+
+
+def _step(model, inputs, opt):
+    opt.zero_grad()
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+    opt.step()
+    return out, grads
+
+
+def _assert_same_step(ref, got):
+    (out0, g0), (out1, g1) = ref, got
+    torch.testing.assert_close(out1.loss, out0.loss)
+    torch.testing.assert_close(out1.logits, out0.logits)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        assert (g0[n] is None) == (g1[n] is None), n
+        if g0[n] is not None:
+            torch.testing.assert_close(g1[n], g0[n], msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_converted_model_equals_transformers(name):
+    """fp64: the converted model's loss, logits and every parameter's gradient equal the unconverted
+    model's (and the parameters after AdamW steps, where listed); every MLP block is fused with the
+    expected activation; the block kernels ran; state_dict keys and Parameter objects are kept."""
+    build, block_cls, act, gated, steps = ARCHS[name]
+    torch.manual_seed(0)
+    ref = build().double().train()
+    model = copy.deepcopy(ref)
+    params = dict(model.named_parameters())
+    keys = list(model.state_dict())
+    n_blocks = sum(type(m).__name__ == block_cls for m in model.modules())
+    assert n_blocks == 1
+
+    assert fusedad.convert(model) is model
+    blocks = [m for m in model.modules() if isinstance(m, FusedBlock)]
+    assert len(blocks) == n_blocks and not any(type(m).__name__ == block_cls for m in model.modules())
+    assert all(b.original_class == block_cls and b.activation == act for b in blocks)  # 100 % fused
+    assert list(model.state_dict()) == keys
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    if name == "gpt2":
+        assert not any(type(m).__name__ == "Conv1D" for m in model.modules())  # every Conv1D on the kernels
+
+    inputs = _inputs(name)
+    opt0 = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    opt1 = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with record_launches() as log:
+        got = _step(model, inputs, opt1)
+    _assert_same_step(_step(ref, inputs, opt0), got)
+    kernels = [launch.kernel for launch in log]
+    assert ("mlp_down_bwd" in kernels) == (blocks[0].recipe.kind != "act")
+    if gated:
+        assert "mlp_gated_up" in kernels and "mlp_gated_dual_bwd" in kernels
+    else:  # plain, or linear→activation: the activation in the up projection's GEMM epilogue
+        up = {launch.flags["ACT"] for launch in log if launch.kernel.startswith("linear_fwd") and launch.flags.get("ACT", 0)}
+        assert up == {fusedad.activations.lookup(act).kernel_id}
+    if name == "gpt2":  # Conv1D: the kernels read the (in, out) weight through a transposed view, no copy
+        w = model.transformer.h[0].attn.c_attn.weight
+        assert any(isinstance(a, torch.Tensor) and a.data_ptr() == w.data_ptr() and a.stride() == (1, w.shape[1])
+                   for launch in log for a in launch.args)
+    for _ in range(steps):
+        _assert_same_step(_step(ref, inputs, opt0), _step(model, inputs, opt1))
+        for (n, p0), p1 in zip(ref.named_parameters(), model.parameters()):
+            torch.testing.assert_close(p1, p0, msg=lambda m, n=n: f"{n} after AdamW: {m}")
