@@ -197,3 +197,149 @@ def test_converted_model_equals_transformers(name):
         _assert_same_step(_step(ref, inputs, opt0), _step(model, inputs, opt1))
         for (n, p0), p1 in zip(ref.named_parameters(), model.parameters()):
             torch.testing.assert_close(p1, p0, msg=lambda m, n=n: f"{n} after AdamW: {m}")
+
+
+_ACT_NAMES = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+              "gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh", "silu": "silu", "swish": "silu",
+              "relu": "relu", "relu2": "relu2",
+              # no table row: left unfused
+              "quick_gelu": None, "gelu_10": None, "gelu_accurate": None, "mish": None, "linear": None,
+              "tanh": None, "sigmoid": None, "leaky_relu": None, "relu6": None}
+
+
+@pytest.mark.parametrize("hf_name", list(_ACT_NAMES))
+def test_activation_mapping(hf_name):
+    """transformers' activation objects map to the table row that computes the same function (fp64, at
+    points that separate the rows), or to None."""
+    module = T.activations.ACT2FN[hf_name]
+    row = activation_of(module)
+    assert (row.name if row else None) == _ACT_NAMES[hf_name]
+    if row is not None:
+        z = torch.linspace(-6, 6, 241, dtype=torch.float64)
+        torch.testing.assert_close(row.apply(z), module(z), rtol=1e-10, atol=1e-12)  # gelu_fast's rounded √(2/π)
+
+
+def _llama_mlp(act="silu"):
+    return T.models.llama.modeling_llama.LlamaMLP(T.LlamaConfig(**_small(num_key_value_heads=1, hidden_act=act))).double()
+
+
+class _Wrapped(torch.nn.Module):
+    """A projection wrapped like PEFT's LoRA layers: another type around the base layer."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.lora = torch.nn.Linear(base.in_features, base.out_features, bias=False, dtype=base.weight.dtype)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora(x)
+
+
+class _LlamaMLPWithDropout(T.models.llama.modeling_llama.LlamaMLP):
+    """A user's modified block: dropout between the gated product and the down projection."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.down_proj(self.dropout(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def _hook(m, args, out):
+    return out * 2
+
+
+def _modify(how):
+    if how == "quick_gelu":
+        return _llama_mlp("quick_gelu")
+    if how == "gelu_10":
+        return _llama_mlp("gelu_10")
+    if how == "subclass_with_dropout":
+        return _LlamaMLPWithDropout(T.LlamaConfig(**_small(num_key_value_heads=1))).double()
+    m = _llama_mlp()
+    if how == "extra_dropout_child":
+        m.dropout = torch.nn.Dropout(0.5)
+    elif how == "hook_on_block":
+        m.register_forward_hook(_hook)
+    elif how == "hook_on_projection":
+        m.up_proj.register_forward_hook(_hook)
+    elif how == "pre_hook_on_activation":
+        m.act_fn.register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
+    elif how == "peft_wrapped_projection":
+        m.gate_proj = _Wrapped(m.gate_proj)
+    elif how == "instance_forward":
+        m.forward = lambda x: m.down_proj(m.up_proj(x))
+    elif how == "fused_linear_child":
+        m.gate_proj = fusedad.nn.Linear(32, 64, bias=False, activation="relu", dtype=torch.float64)
+    return m
+
+
+@pytest.mark.parametrize("how", ["quick_gelu", "gelu_10", "subclass_with_dropout", "extra_dropout_child",
+                                 "hook_on_block", "hook_on_projection", "pre_hook_on_activation",
+                                 "peft_wrapped_projection", "instance_forward", "fused_linear_child"])
+def test_modified_blocks_are_left_alone(how):
+    """A block a recipe cannot prove it computes the same is left as it is (its nn.Linear layers are still
+    swapped), and computes what it computed before (the dropout ones in eval mode)."""
+    torch.manual_seed(0)
+    m = _modify(how).eval()
+    cls = type(m)
+    x = torch.randn(2, 3, 32, dtype=torch.float64)
+    want = m(x)
+    parent = torch.nn.Sequential(m)
+    fusedad.convert(parent)
+    assert type(parent[0]) is cls and not any(isinstance(c, FusedBlock) for c in parent.modules())
+    if how != "hook_on_projection":  # convert swaps a hooked nn.Linear without its hooks (README: Hooks)
+        torch.testing.assert_close(parent(x), want)
+
+
+def test_global_hook_leaves_blocks_alone():
+    m = torch.nn.Sequential(_llama_mlp())
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, args, out: None)
+    try:
+        fusedad.convert(m)
+    finally:
+        handle.remove()
+    assert type(m[0]).__name__ == "LlamaMLP"
+
+
+class _MyGLU(torch.nn.Module):
+    """A user's own block type."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi = torch.nn.Linear(32, 48, bias=True, dtype=torch.float64)
+        self.wg = torch.nn.Linear(32, 48, bias=True, dtype=torch.float64)
+        self.wo = torch.nn.Linear(48, 32, bias=False, dtype=torch.float64)
+        self.act = torch.nn.GELU()
+
+    def forward(self, x):
+        return self.wo(self.act(self.wg(x)) * self.wi(x))
+
+
+def test_user_recipe():
+    """A registered recipe fuses the user's block type (exact class only); equal in fp64 forward and
+    backward; unregistering restores the default (left alone)."""
+    torch.manual_seed(0)
+    ref = _MyGLU()
+    fusedad.recipes.register(_MyGLU, Recipe("gated", ("wg", "wi"), "wo", "act"))
+    try:
+        model = fusedad.convert(torch.nn.Sequential(copy.deepcopy(ref)))
+        assert isinstance(model[0], FusedBlock) and model[0].activation == "gelu"
+        x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+        x0 = x.detach().clone().requires_grad_()
+        with record_launches() as log:
+            y = model(x)
+            y.backward(torch.ones_like(y))
+        assert "mlp_gated_up" in [launch.kernel for launch in log]
+        y0 = ref(x0)
+        y0.backward(torch.ones_like(y0))
+        torch.testing.assert_close(y, y0)
+        torch.testing.assert_close(x.grad, x0.grad)
+        for (n, p0), p1 in zip(ref.named_parameters(), model[0].parameters()):
+            torch.testing.assert_close(p1.grad, p0.grad, msg=lambda m, n=n: f"{n}: {m}")
+    finally:
+        fusedad.recipes.register(_MyGLU, None)
+    assert type(fusedad.convert(torch.nn.Sequential(_MyGLU()))[0]) is _MyGLU
+    with pytest.raises(TypeError):
+        fusedad.recipes.register(_MyGLU, ("gated",))
