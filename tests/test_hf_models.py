@@ -343,3 +343,39 @@ def test_user_recipe():
     assert type(fusedad.convert(torch.nn.Sequential(_MyGLU()))[0]) is _MyGLU
     with pytest.raises(TypeError):
         fusedad.recipes.register(_MyGLU, ("gated",))
+
+
+def test_same_class_name_elsewhere_is_not_a_transformers_block():
+    """Built-in recipes match transformers' own classes only: a user's class that happens to be called
+    LlamaMLP (here: a different computation) is left alone."""
+    base = _llama_mlp()
+
+    class LlamaMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj, self.act_fn = (base.gate_proj, base.up_proj,
+                                                                          base.down_proj, base.act_fn)
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+    m = torch.nn.Sequential(LlamaMLP())
+    fusedad.convert(m)
+    assert type(m[0]).__qualname__.endswith("LlamaMLP") and not isinstance(m[0], FusedBlock)
+
+
+def test_gpt2_block_dropout_runs_after_the_fused_block():
+    """GPT-2's MLP ends in a residual dropout: in training, with the same RNG state, the fused block
+    draws the same mask (fp64, through the kernels)."""
+    config = T.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=V, n_positions=16, resid_pdrop=0.5,
+                          activation_function="gelu_new")
+    ref = T.models.gpt2.modeling_gpt2.GPT2MLP(64, config).double().train()
+    model = fusedad.convert(torch.nn.Sequential(copy.deepcopy(ref)))[0]
+    assert isinstance(model, FusedBlock) and model.training
+    x = torch.randn(2, 4, 32, dtype=torch.float64)
+    torch.manual_seed(1)
+    want = ref(x)
+    torch.manual_seed(1)
+    got = model(x)
+    assert (want == 0).any()
+    torch.testing.assert_close(got, want)
