@@ -183,7 +183,10 @@ def fused_conv1d(conv):
     if cls is None:
         cls = _CONV1D_CLASSES[base] = type("FusedConv1D", (base,), {
             "forward": _conv1d_forward, "__module__": __name__,
+            "__repr__": lambda self: f"FusedConv1D(nf={self.nf}, nx={self.nx})",
             "__doc__": "transformers' Conv1D on fusedad's kernels (``fusedad.functional.linear(x, weight.t(), bias)``)."})
+        if len(_CONV1D_CLASSES) == 1:  # transformers' own Conv1D: importable by name, so models pickle
+            globals()["FusedConv1D"] = cls
     new = cls.__new__(cls)
     torch.nn.Module.__init__(new)
     new.nf, new.nx = conv.nf, conv.nx

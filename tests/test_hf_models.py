@@ -34,6 +34,8 @@ def test_bare_kernels_name_is_the_pypi_package_at_the_root():
             "try:\n    import kernels\nexcept ModuleNotFoundError as e:\n    print('MISSING', e.name)\n"
             "else:\n    print('FILE', kernels.__file__, kernels.__name__, hasattr(kernels, 'record_launches'))\n"
             "print('OURS', fk.__file__, fk.__name__, hasattr(fk, 'record_launches'))\n"
+            "import torch, fusedad\nfusedad.convert(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()))\n"
+            "print('IMPORTED', 'transformers' in sys.modules)\n"
             "try:\n    import transformers\nexcept ImportError:\n    pass\nelse:\n"
             "    from transformers import LlamaConfig, LlamaForCausalLM\n"
             "    m = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, "
@@ -42,6 +44,7 @@ def test_bare_kernels_name_is_the_pypi_package_at_the_root():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
     assert lines["OURS"].endswith("True") and "fusedad.kernels" in lines["OURS"]
+    assert lines["IMPORTED"] == "False"  # convert() on a model without transformers never imports it
     if _pypi_kernels_installed():
         path, name, has_ours = lines["FILE"].split()
         assert not os.path.abspath(path).startswith(os.path.join(ROOT, "kernels") + os.sep), path
