@@ -110,6 +110,8 @@ ARCHS = {
                 "MistralMLP", "relu2", True, 0),
     "qwen2": (lambda: T.Qwen2ForCausalLM(_quiet(T.Qwen2Config(**_small(num_key_value_heads=2, hidden_act="gelu_fast")))),
               "Qwen2MLP", "gelu_tanh", True, 0),
+    "qwen3": (lambda: T.Qwen3ForCausalLM(_quiet(T.Qwen3Config(**_small(num_key_value_heads=2, head_dim=16)))),
+              "Qwen3MLP", "silu", True, 0),
     "gemma": (lambda: T.GemmaForCausalLM(_quiet(T.GemmaConfig(**_small(num_key_value_heads=2, head_dim=16,
                                                                         hidden_act="gelu_pytorch_tanh",
                                                                         hidden_activation="gelu_pytorch_tanh")))),
