@@ -260,7 +260,7 @@ def _soft_target_reference(input, linear_weight, target, linear_bias, weight, re
 
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
-                         ignore_index=None, label_smoothing=0.0, softcap=None, z_loss=0.0):
+                         ignore_index=None, label_smoothing=0.0, softcap=None, z_loss=0.0, out_dtype=None):
     """``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
 
     Same semantics as ``torch.nn.functional.linear_cross_entropy`` (PyTorch ≥ 2.13) for every shared argument,
@@ -275,7 +275,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
 
     Extensions: ``softcap`` (logits z ← softcap·tanh(z/softcap) before the softmax) and ``z_loss``
     (z_loss·lse² added to the loss of every counted row before the reduction; "mean" divides it by the same
-    denominator as the cross-entropy). Extra memory O(rows): the logits are computed tile by tile and folded
+    denominator as the cross-entropy), ``out_dtype`` (the loss's dtype; default input's — e.g. torch.float32
+    for a bf16 model, as transformers' losses upcast). Extra memory O(rows): the logits are computed tile by tile and folded
     into per-row statistics, forward and backward (``kernels/cross_entropy.py``).
     """
     if reduction not in _REDUCTIONS:
@@ -324,7 +325,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                     z_loss)
     if reduction == "none":
         loss = loss.reshape(target.shape)
-    return loss.to(input.dtype)
+    return loss.to(input.dtype if out_dtype is None else out_dtype)
 
 
 __all__ = ["linear_cross_entropy"]

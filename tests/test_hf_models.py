@@ -137,19 +137,43 @@ def _inputs(name):
     return dict(input_ids=ids, labels=ids)
 
 
-def _step(model, inputs, opt):
+def _reference_loss(model, inputs):
+    """transformers' causal-LM loss (``ForCausalLMLoss``: labels shifted left, -100 padded, mean over
+    counted tokens, or the sum / ``num_items_in_batch``) in the model's dtype: ForCausalLMLoss itself
+    upcasts the logits to fp32, which would make an fp64 comparison meaningless. Returns (output, loss)."""
+    from transformers.loss.loss_utils import fixed_cross_entropy
+
+    kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "shift_labels")}
+    out = model(**kwargs)
+    shift = inputs.get("shift_labels")
+    if shift is None:
+        shift = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[..., 1:]
+    loss = fixed_cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), shift.reshape(-1),
+                               inputs.get("num_items_in_batch"), -100)
+    return out, loss
+
+
+def _step(model, inputs, opt, causal_reference=False):
     opt.zero_grad()
-    out = model(**inputs)
-    out.loss.backward()
+    if causal_reference:
+        out, loss = _reference_loss(model, inputs)
+    else:
+        out = model(**inputs)
+        loss = out.loss
+    loss.backward()
     grads = {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
     opt.step()
-    return out, grads
+    return out, loss, grads
 
 
-def _assert_same_step(ref, got):
-    (out0, g0), (out1, g1) = ref, got
-    torch.testing.assert_close(out1.loss, out0.loss)
-    torch.testing.assert_close(out1.logits, out0.logits)
+def _assert_same_step(ref, got, causal=False):
+    (out0, loss0, g0), (out1, loss1, g1) = ref, got
+    if causal:  # the loss without logits: fp32 like transformers', logits=None
+        assert out1.logits is None and loss1.dtype == torch.float32
+        torch.testing.assert_close(loss1, loss0.float())
+    else:
+        torch.testing.assert_close(loss1, loss0)
+        torch.testing.assert_close(out1.logits, out0.logits)
     assert g0.keys() == g1.keys()
     for n in g0:
         assert (g0[n] is None) == (g1[n] is None), n
@@ -184,9 +208,15 @@ def test_converted_model_equals_transformers(name):
     inputs = _inputs(name)
     opt0 = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     opt1 = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    causal = name not in ("bert", "vit")
+    if causal:  # transformers' own loss (fp32: it upcasts the logits) agrees at fp32's precision
+        with torch.no_grad():
+            own = ref(**inputs).loss
     with record_launches() as log:
         got = _step(model, inputs, opt1)
-    _assert_same_step(_step(ref, inputs, opt0), got)
+    _assert_same_step(_step(ref, inputs, opt0, causal), got, causal)
+    if causal:
+        torch.testing.assert_close(got[1], own)
     kernels = [launch.kernel for launch in log]
     assert ("mlp_down_bwd" in kernels) == (blocks[0].recipe.kind != "act")
     if gated:
@@ -194,12 +224,14 @@ def test_converted_model_equals_transformers(name):
     else:  # plain, or linear→activation: the activation in the up projection's GEMM epilogue
         up = {launch.flags["ACT"] for launch in log if launch.kernel.startswith("linear_fwd") and launch.flags.get("ACT", 0)}
         assert up == {fusedad.activations.lookup(act).kernel_id}
+    if causal:  # the LM head's loss ran fused
+        assert any(k.startswith("lce") for k in kernels), sorted(set(kernels))
     if name == "gpt2":  # Conv1D: the kernels read the (in, out) weight through a transposed view, no copy
         w = model.transformer.h[0].attn.c_attn.weight
         assert any(isinstance(a, torch.Tensor) and a.data_ptr() == w.data_ptr() and a.stride() == (1, w.shape[1])
                    for launch in log for a in launch.args)
     for _ in range(steps):
-        _assert_same_step(_step(ref, inputs, opt0), _step(model, inputs, opt1))
+        _assert_same_step(_step(ref, inputs, opt0, causal), _step(model, inputs, opt1), causal)
         for (n, p0), p1 in zip(ref.named_parameters(), model.parameters()):
             torch.testing.assert_close(p1, p0, msg=lambda m, n=n: f"{n} after AdamW: {m}")
 
@@ -384,3 +416,95 @@ def test_gpt2_block_dropout_runs_after_the_fused_block():
     got = model(x)
     assert (want == 0).any()
     torch.testing.assert_close(got, want)
+
+
+# ---- the causal-LM loss without logits --------------------------------------------------------------
+
+
+def _llama(vocab=V, tie=False):
+    torch.manual_seed(0)
+    config = _quiet(T.LlamaConfig(**{**_small(num_key_value_heads=1), "vocab_size": vocab}, tie_word_embeddings=tie))
+    ref = T.LlamaForCausalLM(config).double().train()
+    return ref, fusedad.convert(copy.deepcopy(ref))
+
+
+def test_causal_lm_loss_options_and_tied_embeddings():
+    """ignore_index tokens, num_items_in_batch (sum / n) and shift_labels as transformers takes them, with
+    tied input/output embeddings (the shared weight gets both gradients): fp64 equal to the reference."""
+    ref, model = _llama(tie=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, V, (2, SEQ))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    shift = torch.randint(0, V, (2, SEQ))
+    shift[1, -2:] = -100
+    for extra in (dict(labels=labels), dict(labels=labels, num_items_in_batch=torch.tensor(11)),
+                  dict(labels=labels, shift_labels=shift)):
+        inputs = dict(input_ids=ids, **extra)
+        opt0, opt1 = torch.optim.SGD(ref.parameters(), lr=0.0), torch.optim.SGD(model.parameters(), lr=0.0)
+        _assert_same_step(_step(ref, inputs, opt0, True), _step(model, inputs, opt1), causal=True)
+
+
+def test_causal_lm_keeps_its_own_forward_elsewhere():
+    """Without labels, in eval mode, under no_grad, with logits_to_keep or a custom loss function: the
+    model's own forward (logits returned, equal); generate() unchanged."""
+    ref, model = _llama()
+    ids = torch.randint(0, V, (1, 4))
+    with torch.no_grad():
+        want = ref(input_ids=ids, labels=ids)
+        for call in (lambda: model(input_ids=ids), lambda: model(input_ids=ids, labels=ids)):
+            out = call()
+            torch.testing.assert_close(out.logits, want.logits)
+    out = model(input_ids=ids, labels=ids[:, -2:], logits_to_keep=2)
+    assert out.logits.shape[1] == 2
+    model.eval()
+    out = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, want.loss)
+    model.train()
+    model.loss_function = lambda logits, labels, vocab_size, **kw: logits.sum() * 0.0
+    assert model(input_ids=ids, labels=ids).logits is not None
+    del model._loss_function
+    ref.eval()
+    model.eval()
+    g0 = ref.generate(ids, max_new_tokens=2, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=2, do_sample=False), g0)
+
+
+def test_causal_lm_training_step_creates_no_logits(monkeypatch):
+    """Every tensor a training step creates (a TorchDispatchMode sees each op's outputs) is smaller than
+    the M×V logits, with the fused loss's backward chunk forced well below M×V; the (V, K) head weight's
+    gradient aside."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import fusedad.kernels.cross_entropy as kce
+
+    vocab = 256
+    monkeypatch.setattr(kce, "MIN_CHUNK_CLASSES", 32)
+    monkeypatch.setattr(kce, "CHUNK_BYTES", 1)
+    ref, model = _llama(vocab)
+    ids = torch.randint(0, vocab, (2, SEQ))
+    M, K = ids.numel(), 32
+
+    class Largest(TorchDispatchMode):
+        sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.is_view or func._schema.is_mutable:
+                return out  # no new memory: a view, or an in-place / out= op on an existing tensor
+                # (e.g. the interpreter's host copies of the kernels' arguments)
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and tuple(t.shape) != (vocab, K):
+                    self.sizes.append((t.numel(), tuple(t.shape), str(func)))
+            return out
+
+    with Largest():
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    assert out.logits is None
+    largest = max(Largest.sizes)
+    assert largest[0] < M * vocab, sorted(Largest.sizes)[-12:]
+    Largest.sizes.clear()
+    with Largest():  # the control: the unconverted model does create them
+        ref(input_ids=ids, labels=ids).loss.backward()
+    assert max(Largest.sizes)[0] >= M * vocab
