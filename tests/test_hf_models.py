@@ -460,6 +460,7 @@ def test_causal_lm_keeps_its_own_forward_elsewhere():
     model.eval()
     out = model(input_ids=ids, labels=ids)
     torch.testing.assert_close(out.loss, want.loss)
+    torch.testing.assert_close(out.logits, want.logits)
     model.train()
     model.loss_function = lambda logits, labels, vocab_size, **kw: logits.sum() * 0.0
     assert model(input_ids=ids, labels=ids).logits is not None
