@@ -23,6 +23,9 @@ projection is another type, so the block is left alone (its plain ``nn.Linear`` 
 swapped); the shapes agree; and the activation module maps to a row of the activation table
 (:func:`activation_of`; one without a row, e.g. ``quick_gelu``, leaves the block unfused).
 
+A fused block re-checks its children on every call: a projection replaced after conversion (PEFT
+injecting LoRA layers) or a hook added since makes it call its children as the original block did.
+
 Users register recipes for their own block types with :func:`register`. Nothing here imports
 transformers: classes are recognised by name and module, so a model that does not use transformers never
 imports it, and no transformers class is patched.
@@ -256,6 +259,7 @@ class FusedBlock(torch.nn.Module):
             self.add_module(name, child)
         self.recipe = recipe
         self.activation = act.name
+        self._projection_types = tuple({type(self._modules[n]) for n in (*recipe.proj, *((recipe.down,) if recipe.down else ()))})
         self.original_class = type(original).__qualname__
         self.train(original.training)
 
@@ -264,9 +268,36 @@ class FusedBlock(torch.nn.Module):
         w = layer.weight.t() if self.recipe.conv1d else layer.weight  # Conv1D: (in, out) → a (out, in) view
         return w, layer.bias
 
+    def _still_fusable(self):
+        """The children are still what the block was fused from: no projection replaced (PEFT injecting
+        LoRA layers after conversion), no hooks registered since on them or on the activation, no global
+        module hooks. Otherwise ``forward`` calls the children as the original block did."""
+        r = self.recipe
+        for name in (*r.proj, *((r.down,) if r.down else ())):
+            layer = self._modules.get(name)
+            if layer is None or type(layer) not in self._projection_types or _hooked(layer) or "forward" in vars(layer):
+                return False
+        act = self._modules.get(r.act)
+        return act is not None and not _hooked(act) and not _global_hooks()
+
+    def _unfused(self, x):
+        """The original block's computation, by calling the children."""
+        r, m = self.recipe, self._modules
+        act = m[r.act]
+        if r.kind == "act":
+            return act(m[r.proj[0]](x))
+        if r.kind == "plain":
+            return m[r.down](act(m[r.proj[0]](x)))
+        if r.kind == "gated":
+            return m[r.down](act(m[r.proj[0]](x)) * m[r.proj[1]](x))
+        gate, up = m[r.proj[0]](x).chunk(2, dim=-1)
+        return m[r.down](up * act(gate))
+
     def forward(self, x):
         r = self.recipe
-        if r.kind == "act":
+        if not self._still_fusable():
+            y = self._unfused(x)
+        elif r.kind == "act":
             w, b = self._weights(r.proj[0])
             y = functional.linear(x, w, b, activation=self.activation)
         elif r.kind == "plain":

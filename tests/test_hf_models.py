@@ -526,3 +526,26 @@ def test_converted_causal_lm_compiles_without_graph_breaks():
     torch.testing.assert_close(out.loss, want.loss)
     for (n, p0), p1 in zip(ref.named_parameters(), model.parameters()):
         torch.testing.assert_close(p1.grad, p0.grad, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("change", ["wrap_projection_after", "hook_projection_after", "hook_activation_after"])
+def test_fused_block_changed_after_conversion_calls_its_children(change):
+    """A fused block whose projection is replaced afterwards (PEFT injecting LoRA layers into a converted
+    model) or hooked afterwards computes what the original block would: it calls its children."""
+    torch.manual_seed(0)
+    ref = _llama_mlp()
+    model = fusedad.convert(torch.nn.Sequential(copy.deepcopy(ref)))
+    fused = model[0]
+    assert isinstance(fused, FusedBlock)
+    if change == "wrap_projection_after":
+        ref.gate_proj = _Wrapped(ref.gate_proj)
+        fused.gate_proj = _Wrapped(fused.gate_proj)
+        fused.gate_proj.lora.weight = ref.gate_proj.lora.weight
+    elif change == "hook_projection_after":
+        ref.up_proj.register_forward_hook(_hook)
+        fused.up_proj.register_forward_hook(_hook)
+    else:
+        ref.act_fn.register_forward_hook(_hook)
+        fused.act_fn.register_forward_hook(_hook)
+    x = torch.randn(2, 3, 32, dtype=torch.float64)
+    torch.testing.assert_close(model(x), ref(x))
