@@ -20,6 +20,7 @@ is not 0, ``return_dict=False``, the model's ``loss_function`` is not ``ForCausa
 config has ``final_logit_softcapping`` / ``pretraining_tp > 1``.
 """
 import inspect
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -105,9 +106,19 @@ class LossWithoutLogits:
         return LossWithoutLogits, (self.model,)
 
 
+_WARNED = set()
+
+
 def install(model):
-    """Give a recognised causal LM the loss without logits (idempotent). True if installed."""
+    """Give a recognised causal LM the loss without logits (idempotent). True if installed. Another
+    transformers ``*ForCausalLM`` / ``*LMHeadModel`` keeps its own forward, and says so once per class."""
     if not recognised(model):
+        cls = type(model)
+        if (cls.__module__.startswith("transformers.models.") and cls.__name__.endswith(("ForCausalLM", "LMHeadModel"))
+                and cls.__name__ not in MODELS and cls.__name__ not in _WARNED):
+            _WARNED.add(cls.__name__)
+            warnings.warn(f"fusedad.convert: {cls.__name__} keeps its own forward: its training loss still creates "
+                          f"the logits (only {', '.join(MODELS)} get the loss without logits)", stacklevel=3)
         return False
     model.forward = LossWithoutLogits(model)
     return True

@@ -549,3 +549,19 @@ def test_fused_block_changed_after_conversion_calls_its_children(change):
         fused.act_fn.register_forward_hook(_hook)
     x = torch.randn(2, 3, 32, dtype=torch.float64)
     torch.testing.assert_close(model(x), ref(x))
+
+
+def test_other_causal_lm_keeps_its_forward_and_says_so_once():
+    """A causal LM outside the table (Gemma 2: final-logit softcapping) keeps its own forward, with one
+    warning per class."""
+    def build():
+        return T.Gemma2ForCausalLM(_quiet(T.Gemma2Config(**_small(num_key_value_heads=2, head_dim=16))))
+
+    with pytest.warns(UserWarning, match="Gemma2ForCausalLM keeps its own forward"):
+        model = fusedad.convert(build())
+    assert "forward" not in vars(model)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fusedad.convert(build())
