@@ -89,6 +89,8 @@ from fusedad.recipes import FusedBlock, Recipe, activation_of  # noqa: E402
 
 T = transformers
 V, SEQ = 64, 8
+#: where the kernels run: CUDA if present (compiled), else the CPU through Triton's interpreter (conftest)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _small(**kw):
@@ -132,8 +134,9 @@ ARCHS = {
 
 def _inputs(name):
     if name == "vit":
-        return dict(pixel_values=torch.randn(2, 3, 8, 8, dtype=torch.float64), labels=torch.tensor([0, 2]))
-    ids = torch.randint(0, V, (2, SEQ))
+        return dict(pixel_values=torch.randn(2, 3, 8, 8, dtype=torch.float64, device=DEVICE),
+                    labels=torch.tensor([0, 2], device=DEVICE))
+    ids = torch.randint(0, V, (2, SEQ), device=DEVICE)
     return dict(input_ids=ids, labels=ids)
 
 
@@ -188,7 +191,7 @@ def test_converted_model_equals_transformers(name):
     expected activation; the block kernels ran; state_dict keys and Parameter objects are kept."""
     build, block_cls, act, gated, steps = ARCHS[name]
     torch.manual_seed(0)
-    ref = build().double().train()
+    ref = build().to(DEVICE, torch.float64).train()
     model = copy.deepcopy(ref)
     params = dict(model.named_parameters())
     keys = list(model.state_dict())
@@ -257,7 +260,7 @@ def test_activation_mapping(hf_name):
 
 
 def _llama_mlp(act="silu"):
-    return T.models.llama.modeling_llama.LlamaMLP(T.LlamaConfig(**_small(num_key_value_heads=1, hidden_act=act))).double()
+    return T.models.llama.modeling_llama.LlamaMLP(T.LlamaConfig(**_small(num_key_value_heads=1, hidden_act=act))).to(DEVICE, torch.float64)
 
 
 class _Wrapped(torch.nn.Module):
@@ -293,7 +296,7 @@ def _modify(how):
     if how == "gelu_10":
         return _llama_mlp("gelu_10")
     if how == "subclass_with_dropout":
-        return _LlamaMLPWithDropout(T.LlamaConfig(**_small(num_key_value_heads=1))).double()
+        return _LlamaMLPWithDropout(T.LlamaConfig(**_small(num_key_value_heads=1))).to(DEVICE, torch.float64)
     m = _llama_mlp()
     if how == "extra_dropout_child":
         m.dropout = torch.nn.Dropout(0.5)
@@ -308,7 +311,7 @@ def _modify(how):
     elif how == "instance_forward":
         m.forward = lambda x: m.down_proj(m.up_proj(x))
     elif how == "fused_linear_child":
-        m.gate_proj = fusedad.nn.Linear(32, 64, bias=False, activation="relu", dtype=torch.float64)
+        m.gate_proj = fusedad.nn.Linear(32, 64, bias=False, activation="relu", dtype=torch.float64, device=DEVICE)
     return m
 
 
@@ -321,7 +324,7 @@ def test_modified_blocks_are_left_alone(how):
     torch.manual_seed(0)
     m = _modify(how).eval()
     cls = type(m)
-    x = torch.randn(2, 3, 32, dtype=torch.float64)
+    x = torch.randn(2, 3, 32, dtype=torch.float64, device=DEVICE)
     want = m(x)
     parent = torch.nn.Sequential(m)
     fusedad.convert(parent)
@@ -345,9 +348,9 @@ class _MyGLU(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.wi = torch.nn.Linear(32, 48, bias=True, dtype=torch.float64)
-        self.wg = torch.nn.Linear(32, 48, bias=True, dtype=torch.float64)
-        self.wo = torch.nn.Linear(48, 32, bias=False, dtype=torch.float64)
+        self.wi = torch.nn.Linear(32, 48, bias=True, dtype=torch.float64, device=DEVICE)
+        self.wg = torch.nn.Linear(32, 48, bias=True, dtype=torch.float64, device=DEVICE)
+        self.wo = torch.nn.Linear(48, 32, bias=False, dtype=torch.float64, device=DEVICE)
         self.act = torch.nn.GELU()
 
     def forward(self, x):
@@ -363,7 +366,7 @@ def test_user_recipe():
     try:
         model = fusedad.convert(torch.nn.Sequential(copy.deepcopy(ref)))
         assert isinstance(model[0], FusedBlock) and model[0].activation == "gelu"
-        x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(2, 5, 32, dtype=torch.float64, device=DEVICE, requires_grad=True)
         x0 = x.detach().clone().requires_grad_()
         with record_launches() as log:
             y = model(x)
@@ -406,10 +409,10 @@ def test_gpt2_block_dropout_runs_after_the_fused_block():
     draws the same mask (fp64, through the kernels)."""
     config = T.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=V, n_positions=16, resid_pdrop=0.5,
                           activation_function="gelu_new")
-    ref = T.models.gpt2.modeling_gpt2.GPT2MLP(64, config).double().train()
+    ref = T.models.gpt2.modeling_gpt2.GPT2MLP(64, config).to(DEVICE, torch.float64).train()
     model = fusedad.convert(torch.nn.Sequential(copy.deepcopy(ref)))[0]
     assert isinstance(model, FusedBlock) and model.training
-    x = torch.randn(2, 4, 32, dtype=torch.float64)
+    x = torch.randn(2, 4, 32, dtype=torch.float64, device=DEVICE)
     torch.manual_seed(1)
     want = ref(x)
     torch.manual_seed(1)
@@ -424,7 +427,7 @@ def test_gpt2_block_dropout_runs_after_the_fused_block():
 def _llama(vocab=V, tie=False):
     torch.manual_seed(0)
     config = _quiet(T.LlamaConfig(**{**_small(num_key_value_heads=1), "vocab_size": vocab}, tie_word_embeddings=tie))
-    ref = T.LlamaForCausalLM(config).double().train()
+    ref = T.LlamaForCausalLM(config).to(DEVICE, torch.float64).train()
     return ref, fusedad.convert(copy.deepcopy(ref))
 
 
@@ -433,12 +436,12 @@ def test_causal_lm_loss_options_and_tied_embeddings():
     tied input/output embeddings (the shared weight gets both gradients): fp64 equal to the reference."""
     ref, model = _llama(tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    ids = torch.randint(0, V, (2, SEQ))
+    ids = torch.randint(0, V, (2, SEQ), device=DEVICE)
     labels = ids.clone()
     labels[0, :3] = -100
-    shift = torch.randint(0, V, (2, SEQ))
+    shift = torch.randint(0, V, (2, SEQ), device=DEVICE)
     shift[1, -2:] = -100
-    for extra in (dict(labels=labels), dict(labels=labels, num_items_in_batch=torch.tensor(11)),
+    for extra in (dict(labels=labels), dict(labels=labels, num_items_in_batch=torch.tensor(11, device=DEVICE)),
                   dict(labels=labels, shift_labels=shift)):
         inputs = dict(input_ids=ids, **extra)
         opt0, opt1 = torch.optim.SGD(ref.parameters(), lr=0.0), torch.optim.SGD(model.parameters(), lr=0.0)
@@ -449,7 +452,7 @@ def test_causal_lm_keeps_its_own_forward_elsewhere():
     """Without labels, in eval mode, under no_grad, with logits_to_keep or a custom loss function: the
     model's own forward (logits returned, equal); generate() unchanged."""
     ref, model = _llama()
-    ids = torch.randint(0, V, (1, 4))
+    ids = torch.randint(0, V, (1, 4), device=DEVICE)
     with torch.no_grad():
         want = ref(input_ids=ids, labels=ids)
         for call in (lambda: model(input_ids=ids), lambda: model(input_ids=ids, labels=ids)):
@@ -483,7 +486,7 @@ def test_causal_lm_training_step_creates_no_logits(monkeypatch):
     monkeypatch.setattr(kce, "MIN_CHUNK_CLASSES", 32)
     monkeypatch.setattr(kce, "CHUNK_BYTES", 1)
     ref, model = _llama(vocab)
-    ids = torch.randint(0, vocab, (2, SEQ))
+    ids = torch.randint(0, vocab, (2, SEQ), device=DEVICE)
     M, K = ids.numel(), 32
 
     class Largest(TorchDispatchMode):
@@ -517,7 +520,7 @@ def test_converted_causal_lm_compiles_without_graph_breaks():
     the aot_eager backend — Inductor's code generation is not what this checks)."""
     ref, model = _llama()
     ref = fusedad.convert(ref)
-    ids = torch.randint(0, V, (2, SEQ))
+    ids = torch.randint(0, V, (2, SEQ), device=DEVICE)
     out = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids, labels=ids)
     out.loss.backward()
     assert out.logits is None
@@ -547,7 +550,7 @@ def test_fused_block_changed_after_conversion_calls_its_children(change):
     else:
         ref.act_fn.register_forward_hook(_hook)
         fused.act_fn.register_forward_hook(_hook)
-    x = torch.randn(2, 3, 32, dtype=torch.float64)
+    x = torch.randn(2, 3, 32, dtype=torch.float64, device=DEVICE)
     torch.testing.assert_close(model(x), ref(x))
 
 
