@@ -568,3 +568,35 @@ def test_other_causal_lm_keeps_its_forward_and_says_so_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fusedad.convert(build())
+
+
+@pytest.mark.parametrize("order", ["peft_then_convert", "convert_then_peft"])
+def test_peft_lora_either_order(order):
+    """PEFT LoRA on the MLP projections and q_proj, applied before or after convert: loss and every
+    gradient equal PEFT on the unconverted model (fp64); the frozen bases get no gradient and no kernel
+    computes a dW for them (the dW launches are exactly one per trainable converted layer)."""
+    peft = pytest.importorskip("peft", reason="peft is not installed (optional: pip install peft)")
+    torch.manual_seed(0)
+    base = T.LlamaForCausalLM(_quiet(T.LlamaConfig(**_small(num_key_value_heads=1)))).to(DEVICE, torch.float64).train()
+    config = dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"],
+                  lora_dropout=0.0, init_lora_weights=False)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    if order == "peft_then_convert":
+        model = fusedad.convert(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config)))
+    else:
+        model = peft.get_peft_model(fusedad.convert(copy.deepcopy(base)), peft.LoraConfig(**config))
+    model.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, V, (2, SEQ), device=DEVICE)
+    _, want = _reference_loss(ref, dict(input_ids=ids, labels=ids))
+    want.backward()
+    with record_launches() as log:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, want.float())
+    for (n, p0), (n1, p1) in zip(ref.named_parameters(), model.named_parameters()):
+        assert n == n1 and (p0.grad is None) == (p1.grad is None), n
+        if p0.grad is not None:
+            torch.testing.assert_close(p1.grad, p0.grad, msg=lambda m, n=n: f"{n}: {m}")
+    trainable = sum(type(m) is fusedad.nn.Linear and m.weight.requires_grad for m in model.modules())
+    assert sum(bool(launch.flags.get("COMPUTE_DW")) for launch in log if launch.kernel == "linear_bwd") == trainable
