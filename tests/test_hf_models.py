@@ -204,6 +204,8 @@ def test_converted_model_equals_transformers(name):
     assert all(b.original_class == block_cls and b.activation == act for b in blocks)  # 100 % fused
     assert list(model.state_dict()) == keys
     assert all(p is params[n] for n, p in model.named_parameters())
+    fusedad.convert(model)  # converting again changes nothing
+    assert [m for m in model.modules() if isinstance(m, FusedBlock)] == blocks
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
     if name == "gpt2":
         assert not any(type(m).__name__ == "Conv1D" for m in model.modules())  # every Conv1D on the kernels
