@@ -6,11 +6,12 @@ single-launch backward.
     y = fusedad.functional.linear(x, w, b, activation="relu")
     mlp = fusedad.nn.GatedMLP(4096, 14336, activation="silu")   # fused SwiGLU block (also nn.MLP)
     model = fusedad.convert(model)          # swap every nn.Linear (and fuse Linear→ReLU/GELU/SiLU)
+                                            # and Hugging Face MLP blocks (fusedad.recipes)
     fusedad.testing.gradcheck(my_linear)     # verify a linear kernel as fusedad's suite does
     loss = fusedad.linear_cross_entropy(h, lm_head_w, labels)   # fused LM head loss, no logits
     fusedad.backend(x)                      # "triton" | "triton-interpreter" | "eager"
 """
-from . import functional, nn, testing
+from . import functional, nn, recipes, testing
 from .activations import ACTIVATIONS
 from .backend import backend
 from .convert import convert
@@ -19,4 +20,4 @@ from .nn import GatedMLP, Linear, LinearCrossEntropyLoss, MLP
 
 __version__ = "0.1.0"
 __all__ = ["ACTIVATIONS", "GatedMLP", "Linear", "MLP", "LinearCrossEntropyLoss", "backend", "convert", "functional", "linear",
-           "linear_cross_entropy", "nn", "testing"]
+           "linear_cross_entropy", "nn", "recipes", "testing"]

@@ -13,8 +13,8 @@ that combination hands the backward kernels their per-row coefficients. Paths:
 * torch.compile: the custom ops ``fusedad::lce_stats`` / ``fusedad::lce_bwd`` (``triton_op``);
 * double backward (``create_graph=True``), torch.func transforms and forward-mode AD: a composite path
   in torch ops that recomputes the full (M, V) logits (differentiable again, O(M·V) memory);
-* CPU without the interpreter (the "eager" backend): the statistics in row chunks with torch ops, and the
-  composite backward (O(M·V));
+* CPU without the interpreter (the "eager" backend): the statistics and the first-order backward in row
+  chunks of ≤ ``EAGER_CHUNK_LOGITS`` logits with torch ops (no (M, V) tensor);
 * probability (soft) targets: the reference ``cross_entropy(linear(...))`` with a one-time warning.
 """
 import math
@@ -62,8 +62,8 @@ def _stats_from_logits(z, target, class_weight, sum_logits):
 
 
 def _stats_eager(x, weight, bias, target, class_weight, softcap, sum_logits):
-    """The statistics with torch ops, in row chunks of ≤ 2²⁴ logits (no (M, V) tensor at once)."""
-    rows = max(1, 2**24 // max(weight.shape[0], 1))
+    """The statistics with torch ops, in row chunks of ≤ EAGER_CHUNK_LOGITS logits (no (M, V) tensor at once)."""
+    rows = max(1, EAGER_CHUNK_LOGITS // max(weight.shape[0], 1))
     parts = [_stats_from_logits(_logits(x[i:i + rows], weight, bias, softcap), target[i:i + rows], class_weight,
                                 sum_logits) for i in range(0, x.shape[0], rows)]
     if not parts:
@@ -83,6 +83,36 @@ def _grads_composite(x, weight, bias, target, class_weight, softcap, g_lse, g_zt
     dz = dz.to(x.dtype)
     return (dz @ weight if need_x else None, dz.t() @ x if need_w else None,
             dz.sum(0).to(bias.dtype) if need_b else None)
+
+
+#: The eager backend's statistics and backward work on row chunks of at most this many logits (a module
+#: attribute, so tests can force many chunks).
+EAGER_CHUNK_LOGITS = 2**24
+
+
+def _grads_eager(x, weight, bias, target, class_weight, softcap, g_lse, g_zt, g_zs, need_x, need_w, need_b):
+    """``_grads_composite`` over row chunks of ≤ EAGER_CHUNK_LOGITS logits (the eager backend's first-order
+    backward: no (M, V) tensor); dW and db summed over the chunks in the statistics dtype."""
+    M, V = x.shape[0], weight.shape[0]
+    rows = max(1, EAGER_CHUNK_LOGITS // max(V, 1))
+    if M <= rows:
+        return _grads_composite(x, weight, bias, target, class_weight, softcap, g_lse, g_zt, g_zs,
+                                need_x, need_w, need_b)
+    sd = _stat_dtype(x.dtype)
+    dx = torch.empty_like(x) if need_x else None
+    dw = torch.zeros(weight.shape, dtype=sd, device=weight.device) if need_w else None
+    db = torch.zeros(bias.shape, dtype=sd, device=bias.device) if need_b else None
+    for i in range(0, M, rows):
+        part = slice(i, i + rows)
+        gx, gw, gb = _grads_composite(x[part], weight, bias, target[part], class_weight, softcap, g_lse[part],
+                                      g_zt[part], g_zs[part] if g_zs is not None else None, need_x, need_w, need_b)
+        if need_x:
+            dx[part] = gx
+        if need_w:
+            dw += gw
+        if need_b:
+            db += gb
+    return dx, (dw.to(weight.dtype) if need_w else None), (db.to(bias.dtype) if need_b else None)
 
 
 def _zeros_if_none(g, like):
@@ -116,9 +146,12 @@ class _LCEStats(torch.autograd.Function):
         if (g_lse is None and g_zt is None and g_zs is None) or not (need_x or need_w or need_b):
             return None, None, None, None, None, None, None
         g_lse, g_zt = _zeros_if_none(g_lse, lse), _zeros_if_none(g_zt, lse)
-        composite = (torch.is_grad_enabled() or not _select_backend(x.device).runs_kernels
+        composite = (torch.is_grad_enabled()
                      or any(is_functorch_tensor(t) for t in (g_lse, g_zt, g_zs, x, weight, bias)))
-        if composite:
+        if not composite and not _select_backend(x.device).runs_kernels:
+            dx, dw, db = _grads_eager(x, weight, bias, target, class_weight, ctx.softcap, g_lse, g_zt, g_zs,
+                                      need_x, need_w, need_b)
+        elif composite:
             dx, dw, db = _grads_composite(x, weight, bias, target, class_weight, ctx.softcap, g_lse, g_zt, g_zs,
                                           need_x, need_w, need_b)
         else:
@@ -260,7 +293,7 @@ def _soft_target_reference(input, linear_weight, target, linear_bias, weight, re
 
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
-                         ignore_index=None, label_smoothing=0.0, softcap=None, z_loss=0.0):
+                         ignore_index=None, label_smoothing=0.0, softcap=None, z_loss=0.0, out_dtype=None):
     """``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without the logits.
 
     Same semantics as ``torch.nn.functional.linear_cross_entropy`` (PyTorch ≥ 2.13) for every shared argument,
@@ -275,7 +308,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
 
     Extensions: ``softcap`` (logits z ← softcap·tanh(z/softcap) before the softmax) and ``z_loss``
     (z_loss·lse² added to the loss of every counted row before the reduction; "mean" divides it by the same
-    denominator as the cross-entropy). Extra memory O(rows): the logits are computed tile by tile and folded
+    denominator as the cross-entropy), ``out_dtype`` (the loss's dtype; default input's — e.g. torch.float32
+    for a bf16 model, as transformers' losses upcast). Extra memory O(rows): the logits are computed tile by tile and folded
     into per-row statistics, forward and backward (``kernels/cross_entropy.py``).
     """
     if reduction not in _REDUCTIONS:
@@ -324,7 +358,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                     z_loss)
     if reduction == "none":
         loss = loss.reshape(target.shape)
-    return loss.to(input.dtype)
+    return loss.to(input.dtype if out_dtype is None else out_dtype)
 
 
 __all__ = ["linear_cross_entropy"]

@@ -468,3 +468,49 @@ def test_kernels_lower_for_hopper():
         assert row["shared"] <= 227 * 1024, row
         if row["name"].startswith(("lce_fwd bfloat16", "lce_dz bfloat16")):
             assert row["wgmma"], row  # bf16 tiles of 64 rows use Hopper's wgmma
+
+
+@pytest.mark.parametrize("bias, softcap, smoothing", [(False, None, 0.0), (True, 2.0, 0.1)])
+def test_eager_backend_backward_creates_no_logits(monkeypatch, bias, softcap, smoothing):
+    """CPU without the interpreter (the eager backend): the backward, like the forward statistics, works
+    on row chunks — no tensor of M×V elements is created in a training step (a TorchDispatchMode sees every
+    op's outputs) — and the loss and gradients equal the fp64 reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import importlib
+
+    backend = importlib.import_module("fusedad.backend")  # the module (fusedad.backend is also a function)
+    ce = importlib.import_module("fusedad.cross_entropy")
+
+    monkeypatch.setitem(backend._BY_DEVICE_TYPE, ("cpu", False), backend._BACKENDS[backend.EAGER])
+    monkeypatch.setattr(ce, "EAGER_CHUNK_LOGITS", 3 * V)  # 3 rows per chunk: 5 chunks of M = 13 rows
+    assert fusedad.backend(torch.device("cpu")) == "eager"
+    x = randn(M, K, dtype=torch.float64, requires_grad=True)
+    w = randn(V, K, dtype=torch.float64, requires_grad=True)
+    b = randn(V, dtype=torch.float64, requires_grad=True) if bias else None
+    t = torch.randint(0, V, (M,))
+    t[2] = -100
+
+    sizes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not (func.is_view or func._schema.is_mutable):
+                sizes.extend(o.numel() for o in (out if isinstance(out, (tuple, list)) else (out,))
+                             if isinstance(o, torch.Tensor) and tuple(o.shape) != (V, K))
+            return out
+
+    with Record(), record_launches() as log:
+        loss = fusedad.linear_cross_entropy(x, w, t, linear_bias=b, softcap=softcap, label_smoothing=smoothing)
+        grads = torch.autograd.grad(loss, [x, w] + ([b] if bias else []))
+    assert not log and max(sizes) < M * V
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+    br = b.detach().requires_grad_() if bias else None
+    z = F.linear(xr, wr, br)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    want = F.cross_entropy(z, t, label_smoothing=smoothing)
+    torch.testing.assert_close(loss, want)
+    for g, r in zip(grads, torch.autograd.grad(want, [xr, wr] + ([br] if bias else []))):
+        torch.testing.assert_close(g, r)
