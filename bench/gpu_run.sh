@@ -34,7 +34,12 @@
 #   lm-head           python -m bench --suite lm-head --phase fwd fwd+bwd --impl fusedad: the LM head's loss
 #                     (M=8192, K=4096, V=128256, bf16), fusedad vs eager (and PyTorch's chunked path where the
 #                     torch has it), time and max_memory_allocated. LM_HEAD_LIMIT                           40
-# TOTAL_LIMIT (350) caps the sum (the step limits add up to 390: the last step, lm-head, gets what is left): a step gets at most what is left of it (minus 10 s), or is recorded as
+#   model             python -m bench --suite model --impl fusedad: one training step of a Llama-style causal LM
+#                     built from a config (two Llama-8B layers: hidden 4096, intermediate 14336; vocab 128256;
+#                     8192 tokens; bf16), fusedad.convert vs unconverted: fused fraction of linear FLOPs, bytes
+#                     saved for backward, largest tensor, loss, time. MODEL_LIMIT                           45
+# TOTAL_LIMIT (350) caps the sum (the step limits add up to 435: the last steps, lm-head and model, get what is
+# left): a step gets at most what is left of it (minus 10 s), or is recorded as
 # "skipped (no time left)". Timing: ROUNDS (5) interleaved rounds of triton.testing.do_bench medians over
 # REP_MS (20) ms each; FUSEDAD_AUTOTUNE defaults to 0 here (heuristic tile configs: every variant on the same
 # tiles, no timing search inside the limits; export FUSEDAD_AUTOTUNE=1 to tune, at ~4x the kernel compiles).
@@ -83,14 +88,16 @@ if [ "$DRY" = 1 ]; then  # CPU: the interpreter is slow and CI machines are shar
   TOTAL_LIMIT=${TOTAL_LIMIT:-750} SETUP_LIMIT=${SETUP_LIMIT:-60} BACKWARD_LIMIT=${BACKWARD_LIMIT:-200}
   FORWARD_LIMIT=${FORWARD_LIMIT:-150} TRAIN_LIMIT=${TRAIN_LIMIT:-150} SANITIZE_CPU_LIMIT=${SANITIZE_CPU_LIMIT:-120}
   OVERHEAD_LIMIT=${OVERHEAD_LIMIT:-60} LM_HEAD_LIMIT=${LM_HEAD_LIMIT:-120} MLP_LIMIT=${MLP_LIMIT:-120}
+  MODEL_LIMIT=${MODEL_LIMIT:-120}
   DEV=cpu ROUNDS=${ROUNDS:-1} REP_MS=${REP_MS:-0}
   SHAPES="8x32x64 64x64x128" GRAPH_M=8 TRAIN_IMPLS="fusedad"
 else
-  # The step limits add up to TOTAL_LIMIT (estimates until a GPU run measures them: bench/NOTES.md).
+  # The step limits (435 s) exceed TOTAL_LIMIT: the last steps get what is left (estimates until a GPU run
+  # measures them: bench/NOTES.md).
   TOTAL_LIMIT=${TOTAL_LIMIT:-350} SETUP_LIMIT=${SETUP_LIMIT:-10} PYTEST_LIMIT=${PYTEST_LIMIT:-65}
   BACKWARD_LIMIT=${BACKWARD_LIMIT:-65} FORWARD_LIMIT=${FORWARD_LIMIT:-55} TRAIN_LIMIT=${TRAIN_LIMIT:-55}
   MEMCHECK_LIMIT=${MEMCHECK_LIMIT:-30} MEMCHECK_ALT_LIMIT=${MEMCHECK_ALT_LIMIT:-20} OVERHEAD_LIMIT=${OVERHEAD_LIMIT:-10}
-  LM_HEAD_LIMIT=${LM_HEAD_LIMIT:-40} MLP_LIMIT=${MLP_LIMIT:-40}
+  LM_HEAD_LIMIT=${LM_HEAD_LIMIT:-40} MLP_LIMIT=${MLP_LIMIT:-40} MODEL_LIMIT=${MODEL_LIMIT:-45}
   DEV=cuda ROUNDS=${ROUNDS:-5} REP_MS=${REP_MS:-20}
   SHAPES="256x4096x8192 8192x4096x14336" GRAPH_M=256 TRAIN_IMPLS="fusedad compile"
 fi
@@ -242,6 +249,11 @@ run_step lm-head "$LM_HEAD_LIMIT" steps.log "" \
   "$PY" -m bench --suite lm-head --phase fwd fwd+bwd --impl fusedad --device "$DEV" --rounds "$ROUNDS" \
   --rep-ms "$REP_MS" --out "$SCRATCH/lm_head" --no-plots --no-progress
 [ -f "$SCRATCH/lm_head/results.json" ] && cp "$SCRATCH/lm_head/results.json" "$OUT/lm_head.json"
+
+# -- 8. a Llama-style model's training step: fusedad.convert vs unconverted (the console table in steps.log) --
+run_step model "$MODEL_LIMIT" steps.log "torch.compile not run" \
+  "$PY" -m bench --suite model --impl fusedad --device "$DEV" --rounds "$ROUNDS" --rep-ms "$REP_MS" \
+  --out "$SCRATCH/model" --no-plots --no-progress
 
 # -- summary --------------------------------------------------------------------------------------------
 for f in "${FILES[@]}"; do  # the device tool takes back files of at most 16 MiB: keep a log's head and tail

@@ -91,7 +91,7 @@ def test_quick_run_covers_every_suite_and_labels_cpu_timings(quick_run):
     assert plan.CPU_TIMING_NOTE in proc.stdout
     assert plan.CPU_LABEL in proc.stdout
     assert {r["suite"] for r in results["rows"]} == set(SUITES) == {"modes", "layers", "memory", "backward", "forward",
-                                                                     "lm-head", "mlp"}
+                                                                     "lm-head", "mlp", "model"}
     # Every phase of the layers suite and every grad mode of Net3 ran.
     assert {r["phase"] for r in results["rows"] if r["suite"] == "layers"} == set(impls.PHASES)
     assert {r["mode"] for r in results["rows"] if r["suite"] == "modes"} == set(impls.MODES)
@@ -701,20 +701,59 @@ def test_backward_preset_is_the_protocol_plan():
     assert graphs == [True] * 5 + [False] * 5
 
 
+def test_model_suite_runs_on_cpu_and_reports_every_field():
+    """The model suite on the tiny CPU model: eager and fusedad.convert agree (loss and every gradient);
+    the converted step fuses the MLP blocks' and the head's FLOPs (counted from the module tree), saves
+    less for backward, and its loss equals eager's; a planted mismatch is FAIL and never measured."""
+    from bench.suites import model
+
+    p = plan.make_plan("cpu", True, ["model"])
+    p.rounds, p.plant_mismatch = 1, True
+    (case,) = model.cases(p.settings["model"], p)
+    rows = {r["impl"]: r for r in model.run(case, p, None)}
+    assert list(rows) == ["eager", "fusedad", "planted-mismatch"]
+    eager, fused = rows["eager"], rows["fusedad"]
+    assert eager["status"] == fused["status"] == "ok" and fused["rel_err"] <= fused["tol"]
+    assert rows["planted-mismatch"]["status"] == "FAIL" and "saved_mb" not in rows["planted-mismatch"]
+    shape = model.CPU_SHAPES[0]
+    K, I, V, L = shape.hidden, shape.intermediate, shape.vocab, shape.layers
+    kv = K * shape.kv_heads // shape.heads
+    attn, mlp, head = 2 * K * K + 2 * K * kv, 3 * K * I, K * V
+    assert eager["fused_flop_frac"] == 0.0
+    assert fused["fused_flop_frac"] == pytest.approx((L * mlp + head) / (L * (attn + mlp) + head))
+    assert fused["linear_gflop"] == eager["linear_gflop"] == pytest.approx(6 * shape.tokens * (L * (attn + mlp) + head) / 1e9)
+    assert 0 < fused["saved_mb"] < eager["saved_mb"] and fused["saved_vs_eager"] < 1
+    assert eager["largest_mb"] >= shape.tokens * V * 4 / 2**20  # eager materialises the fp32 logits
+    assert fused["largest_mb"] > 0 and fused["largest_op"]
+    assert fused["loss_rel_err"] < 1e-5 and eager["loss_rel_err"] == 0.0
+    assert fused["ms"] > 0 and "speedup" not in fused  # CPU: not a performance figure
+    cols = [h for h, _ in SUITES["model"].columns(False)]
+    assert {"fused FLOP", "saved MiB", "largest MiB", "loss", "ms*"} <= set(cols)
+    assert set(SUITES["model"].fields) >= {"fused_flop_frac", "saved_mb", "largest_mb", "loss_rel_err"}
+
+
+def test_model_suite_cuda_preset_is_a_llama_8b_layer_shape():
+    from bench.suites import model
+
+    (shape,) = model.preset("cuda", False)["models"]
+    assert (shape.hidden, shape.intermediate, shape.vocab, shape.tokens) == (4096, 14336, 128256, 8192)
+    assert shape.layers in (1, 2) and model.preset("cuda", False)["dtypes"] == (torch.bfloat16,)
+
+
 # --- bench/gpu_run.sh and its dry run ------------------------------------------------------------------
 
 GPU_RUN = REPO / "bench" / "gpu_run.sh"
 DRY_RUN_STEPS = {"setup": "PASS", "pytest": "skipped (no GPU)", "backward": "PASS", "forward": "PASS",
                  "train": "PASS", "mlp": "PASS",
                  "memcheck": "skipped (no GPU)", "memcheck-alt-bwd": "skipped (no GPU)", "sanitize-cpu": "PASS",
-                 "overhead": "PASS", "lm-head": "PASS"}
+                 "overhead": "PASS", "lm-head": "PASS", "model": "PASS"}
 
 
 def test_gpu_run_script_parses_and_has_help():
     subprocess.run(["bash", "-n", str(GPU_RUN)], check=True)
     text = subprocess.run(["bash", str(GPU_RUN), "--help"], capture_output=True, text=True, check=True).stdout
     for word in ("--dry-run", "OUT=", "PYTEST_LIMIT", "BACKWARD_LIMIT", "FORWARD_LIMIT", "TRAIN_LIMIT", "MEMCHECK_LIMIT",
-                 "OVERHEAD_LIMIT", "LM_HEAD_LIMIT", "MLP_LIMIT", "TOTAL_LIMIT", "FUSEDAD_AUTOTUNE"):
+                 "OVERHEAD_LIMIT", "LM_HEAD_LIMIT", "MLP_LIMIT", "MODEL_LIMIT", "TOTAL_LIMIT", "FUSEDAD_AUTOTUNE"):
         assert word in text
     assert not (REPO / "bench" / "gpu_check.sh").exists()  # one script
 
@@ -929,7 +968,8 @@ def test_notes_prediction_template_lists_every_figure_the_protocol_prints():
     heads = " ".join(ln for ln in lines if ln.startswith("| shape"))
     for impl in ("eager", *(plan.VARIANT_IMPL.format(v.name) for v in backward.bwd_variants()), "floor", "compile"):
         assert impl in heads, impl
-    for step in ("pytest", "backward", "forward", "train", "memcheck", "memcheck-alt-bwd", "overhead", "lm-head"):
+    for step in ("pytest", "backward", "forward", "train", "memcheck", "memcheck-alt-bwd", "overhead", "lm-head",
+                 "model"):
         assert f"| {step} |" in section, step
     for shape in lm_head.preset("cuda", False)["shapes"]:  # Table L: both phases predicted
         for phase in lm_head.PHASES:

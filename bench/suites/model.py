@@ -16,8 +16,9 @@ compares the loss and every gradient with eager's. Per implementation the row re
                      (a TorchDispatchMode over every op's outputs), and the op that made it
     loss, loss_rel_err   the step's loss, and |loss − eager's| / |eager's|
 
-Sizes: CUDA — a Llama-8B layer shape (hidden 4096, intermediate 14336, 32 heads, 8 KV heads), one decoder
-layer, the Llama-3 vocabulary (128256), bf16, 4 × 2048 = 8192 tokens; CPU — a tiny model (fp32) for the
+Sizes: CUDA — Llama-8B layer shapes (hidden 4096, intermediate 14336, 32 heads, 8 KV heads), two decoder
+layers, the Llama-3 vocabulary (128256, head not tied), bf16, 4 × 2048 = 8192 tokens (≈ 1.5 B parameters:
+3 GB per model, both resident, plus a step's gradients and activations: well under 80 GB); CPU — a tiny model (fp32) for the
 Triton interpreter (a correctness run: its times are no performance figure, and there the interpreter's
 own copies can be the largest tensor).
 """
@@ -51,7 +52,7 @@ class ModelShape:
         return self.batch * self.seq
 
 
-CUDA_SHAPES = (ModelShape(4096, 14336, 1, 32, 8, 128256, 4, 2048, "llama-8b layer ×1"),)
+CUDA_SHAPES = (ModelShape(4096, 14336, 2, 32, 8, 128256, 4, 2048, "llama-8b layers ×2"),)
 CPU_SHAPES = (ModelShape(32, 80, 2, 4, 2, 96, 2, 32, "llama tiny ×2"),)
 
 
@@ -231,8 +232,8 @@ def run(case, plan, peaks):
 
 SUITE = Suite(
     name="model", title="model — a Llama-style causal LM's training step, unconverted vs fusedad.convert",
-    help="one training step (loss with labels, fwd+bwd) of a Llama-style model built from a config (CUDA: one "
-         "Llama-8B layer, vocab 128256, 8192 tokens, bf16; CPU: tiny): fused fraction of linear FLOPs, bytes "
+    help="one training step (loss with labels, fwd+bwd) of a Llama-style model built from a config (CUDA: two "
+         "Llama-8B layers, vocab 128256, 8192 tokens, bf16; CPU: tiny): fused fraction of linear FLOPs, bytes "
          "saved for backward, largest tensor, loss, time",
     preset=preset, cases=cases, run=run,
     columns=lambda perf: [
