@@ -13,7 +13,9 @@ compares the loss and every gradient with eager's. Per implementation the row re
     saved_mb         bytes saved for backward by the step's forward (saved_tensors_hooks, each storage
                      once, parameters excluded)
     largest_mb       the largest tensor any op creates during the whole step, forward and backward
-                     (a TorchDispatchMode over every op's outputs), and the op that made it
+                     (a TorchDispatchMode over every op's outputs), and the op that made it; a custom
+                     op whose body runs below the mode (a ``torch.library`` op dispatched as one) shows
+                     its outputs, not its scratch
     loss, loss_rel_err   the step's loss, and |loss − eager's| / |eager's|
 
 Sizes: CUDA — Llama-8B layer shapes (hidden 4096, intermediate 14336, 32 heads, 8 KV heads), two decoder
