@@ -17,7 +17,8 @@ the fp32 softmax (the fused loss never stores them), so bf16/fp16 losses are sli
 The model's own forward runs instead (the fused path would not compute the same) when: ``logits_to_keep``
 is not 0, ``return_dict=False``, the model's ``loss_function`` is not ``ForCausalLMLoss`` (a custom
 ``loss_type`` or loss function), the head is not a bias-free or biased linear layer (or has hooks), or the
-config has ``final_logit_softcapping`` / ``pretraining_tp > 1``.
+config has ``pretraining_tp > 1``. A config's ``final_logit_softcapping`` c (Gemma 2: the logits are
+c·tanh(z/c) before the loss) is the fused loss's ``softcap``.
 """
 import inspect
 import warnings
@@ -34,6 +35,8 @@ MODELS = {
     "Qwen2ForCausalLM": ("model", "CausalLMOutputWithPast"),
     "Qwen3ForCausalLM": ("model", "CausalLMOutputWithPast"),
     "GemmaForCausalLM": ("model", "CausalLMOutputWithPast"),
+    # logits = c·tanh(lm_head(h) / c) with c = config.final_logit_softcapping: the fused loss's softcap
+    "Gemma2ForCausalLM": ("model", "CausalLMOutputWithPast"),
     "Phi3ForCausalLM": ("model", "CausalLMOutputWithPast"),
     "GPTNeoXForCausalLM": ("gpt_neox", "CausalLMOutputWithPast"),
     "GPT2LMHeadModel": ("transformer", "CausalLMOutputWithCrossAttentions"),
@@ -72,7 +75,6 @@ class LossWithoutLogits:
                 and model.loss_function is ForCausalLMLoss
                 and isinstance(head, torch.nn.Linear) and not any(getattr(head, h) for h in _HOOKS)
                 and getattr(head, "activation", None) is None
-                and getattr(config, "final_logit_softcapping", None) is None
                 and getattr(config, "pretraining_tp", 1) <= 1)
 
     def __call__(self, *args, **kwargs):
@@ -94,6 +96,7 @@ class LossWithoutLogits:
         head = model.lm_head
         loss = linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device), linear_bias=head.bias,
                                     reduction="mean" if num_items is None else "sum", ignore_index=-100,
+                                    softcap=getattr(model.config, "final_logit_softcapping", None),
                                     out_dtype=torch.float32)
         if num_items is not None:
             loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)

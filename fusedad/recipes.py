@@ -77,6 +77,7 @@ _GATED = Recipe("gated", ("gate_proj", "up_proj"), "down_proj", "act_fn")
 #: Each forward was read in transformers 5: exactly the recipe's computation.
 _HF = {
     "LlamaMLP": _GATED, "MistralMLP": _GATED, "Qwen2MLP": _GATED, "Qwen3MLP": _GATED, "GemmaMLP": _GATED,
+    "Gemma2MLP": _GATED,
     "Phi3MLP": Recipe("packed", ("gate_up_proj",), "down_proj", "activation_fn"),
     "GPTNeoXMLP": Recipe("plain", ("dense_h_to_4h",), "dense_4h_to_h", "act"),
     "GPT2MLP": Recipe("plain", ("c_fc",), "c_proj", "act", post=("dropout",), conv1d=True),

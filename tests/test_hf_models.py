@@ -118,6 +118,10 @@ ARCHS = {
                                                                         hidden_act="gelu_pytorch_tanh",
                                                                         hidden_activation="gelu_pytorch_tanh")))),
               "GemmaMLP", "gelu_tanh", True, 0),
+    # final-logit softcapping (c·tanh(z/c) before the loss) at c = 2: every logit is visibly capped
+    "gemma2": (lambda: T.Gemma2ForCausalLM(_quiet(T.Gemma2Config(**_small(num_key_value_heads=2, head_dim=16,
+                                                                          final_logit_softcapping=2.0)))),
+               "Gemma2MLP", "gelu_tanh", True, 0),
     "phi3": (lambda: T.Phi3ForCausalLM(_quiet(T.Phi3Config(**_small(num_key_value_heads=2)))), "Phi3MLP", "silu", True, 2),
     "gpt_neox": (lambda: T.GPTNeoXForCausalLM(_quiet(T.GPTNeoXConfig(**_small(hidden_act="relu")))),
                  "GPTNeoXMLP", "relu", False, 0),
@@ -557,12 +561,13 @@ def test_fused_block_changed_after_conversion_calls_its_children(change):
 
 
 def test_other_causal_lm_keeps_its_forward_and_says_so_once():
-    """A causal LM outside the table (Gemma 2: final-logit softcapping) keeps its own forward, with one
-    warning per class."""
+    """A causal LM outside the table (OPT) keeps its own forward, with one warning per class."""
     def build():
-        return T.Gemma2ForCausalLM(_quiet(T.Gemma2Config(**_small(num_key_value_heads=2, head_dim=16))))
+        return T.OPTForCausalLM(_quiet(T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                                                   num_attention_heads=2, vocab_size=V, word_embed_proj_dim=32,
+                                                   max_position_embeddings=16)))
 
-    with pytest.warns(UserWarning, match="Gemma2ForCausalLM keeps its own forward"):
+    with pytest.warns(UserWarning, match="OPTForCausalLM keeps its own forward"):
         model = fusedad.convert(build())
     assert "forward" not in vars(model)
     import warnings
