@@ -68,22 +68,36 @@ def _storage_key(t):
     return t.untyped_storage()._cdata
 
 
-def saved_bytes(module, x):
-    """Bytes of the distinct non-parameter storages saved for backward by one forward of ``module``."""
-    params = {_storage_key(p) for p in module.parameters()}
-    seen, total = set(), 0
+class SavedBytes:
+    """Inside ``with``: the bytes of the distinct storages saved for backward (``.nbytes``), each storage
+    counted once (views of one buffer share it), the ``parameters``' own storages left out."""
 
-    def pack(t):
-        nonlocal total
+    def __init__(self, parameters):
+        self._params = {_storage_key(p) for p in parameters}
+        self._seen = set()
+        self.nbytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
         key = _storage_key(t)
-        if key not in params and key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
+        if key not in self._params and key not in self._seen:
+            self._seen.add(key)
+            self.nbytes += t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+
+def saved_bytes(module, x):
+    """Bytes of the distinct non-parameter storages saved for backward by one forward of ``module``."""
+    with SavedBytes(module.parameters()) as saved:
         y = module(x)
-    return total, y
+    return saved.nbytes, y
 
 
 def measure(gated, shape, act, device, dtype):

@@ -259,39 +259,36 @@ def _float64_block_inputs(gated, activation, shape, device, bias, packed):
     return tuple(t)
 
 
+def _check_block_derivatives(check, block, gated, activation, shape, device, bias, packed, **kwargs):
+    """``check`` (gradcheck or gradgradcheck) of the block over its present float64 inputs."""
+    block = block or _default_block(gated)
+    inputs = _float64_block_inputs(gated, activation, shape, device, bias, packed)
+    present = [i for i, t in enumerate(inputs) if t is not None]
+
+    def fn(*args):
+        full = list(inputs)
+        for i, a in zip(present, args):
+            full[i] = a
+        return call_block(block, gated, full, activation)
+
+    return check(fn, [inputs[i] for i in present], **kwargs)
+
+
 def block_gradcheck(block=None, gated=True, activation="silu", shape=(3, 4, 5, 4), device="cpu", bias=True,
                     packed=False, **kwargs):
     """``torch.autograd.gradcheck`` of an MLP block on fresh float64 inputs. shape: (M, K, I, N).
 
     block: default ``fusedad.functional.gated_mlp`` (gated) or ``mlp``; kwargs go to gradcheck.
     """
-    block = block or _default_block(gated)
-    inputs = _float64_block_inputs(gated, activation, shape, device, bias, packed)
-    present = [i for i, t in enumerate(inputs) if t is not None]
-
-    def fn(*args):
-        full = list(inputs)
-        for i, a in zip(present, args):
-            full[i] = a
-        return call_block(block, gated, full, activation)
-
-    return torch.autograd.gradcheck(fn, [inputs[i] for i in present], **kwargs)
+    return _check_block_derivatives(torch.autograd.gradcheck, block, gated, activation, shape, device, bias, packed,
+                                    **kwargs)
 
 
 def block_gradgradcheck(block=None, gated=True, activation="silu", shape=(2, 3, 3, 2), device="cpu", bias=True,
                         packed=False, **kwargs):
     """``torch.autograd.gradgradcheck`` (second derivatives) of an MLP block, float64."""
-    block = block or _default_block(gated)
-    inputs = _float64_block_inputs(gated, activation, shape, device, bias, packed)
-    present = [i for i, t in enumerate(inputs) if t is not None]
-
-    def fn(*args):
-        full = list(inputs)
-        for i, a in zip(present, args):
-            full[i] = a
-        return call_block(block, gated, full, activation)
-
-    return torch.autograd.gradgradcheck(fn, [inputs[i] for i in present], **kwargs)
+    return _check_block_derivatives(torch.autograd.gradgradcheck, block, gated, activation, shape, device, bias,
+                                    packed, **kwargs)
 
 
 def block_forward_ad_check(block=None, gated=True, activation="silu", shape=(3, 4, 5, 4), device="cpu", bias=True,

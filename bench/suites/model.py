@@ -32,6 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import report
+from ..mlp_memory import SavedBytes, _storage_key
 from ..plan import DTYPE_NAMES
 from ..runner import Case, run_case, time_interleaved, vs_eager
 from . import Suite
@@ -107,10 +108,6 @@ def linear_flops(model, tokens):
     return fused, total
 
 
-def _storage_key(t):
-    return t.untyped_storage()._cdata
-
-
 class LargestTensor(TorchDispatchMode):
     """The largest tensor any op run under it creates: bytes of its storage and the op's name. Outputs
     that share a storage with an input (views, in-place ops) create nothing and are not counted."""
@@ -146,25 +143,14 @@ def step_fn(model, ids):
 
 def measure_step(model, ids):
     """Row fields of one step: fused FLOP fraction, bytes saved for backward, largest tensor, loss."""
-    params = {_storage_key(p) for p in model.parameters()}
-    seen, saved = set(), 0
-
-    def pack(t):
-        nonlocal saved
-        key = _storage_key(t)
-        if key not in params and key not in seen:
-            seen.add(key)
-            saved += t.untyped_storage().nbytes()
-        return t
-
     fused, total = linear_flops(model, ids.numel())
     largest = LargestTensor()
     with largest:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with SavedBytes(model.parameters()) as saved:
             loss = model(input_ids=ids, labels=ids).loss
         grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
     del grads
-    return {"fused_flop_frac": fused / total, "linear_gflop": 3 * total / 1e9, "saved_mb": saved / 2**20,
+    return {"fused_flop_frac": fused / total, "linear_gflop": 3 * total / 1e9, "saved_mb": saved.nbytes / 2**20,
             "largest_mb": largest.nbytes / 2**20, "largest_op": largest.op, "loss": float(loss.detach())}
 
 
