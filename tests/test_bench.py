@@ -388,7 +388,7 @@ def test_cli_help_and_options_apply_to_every_suite_that_has_the_setting():
     assert "--plant-mismatch" not in text  # a test hook, hidden
     args = cli.build_parser().parse_args(["--quick", "--dtype", "fp16", "--impl", "fusedad", "--shape", "2x3x4"])
     p = cli.plan_from_args(args, "cpu")
-    assert p.suites == ("modes", "layers", "memory", "backward", "forward", "lm-head", "mlp")
+    assert p.suites == ("modes", "layers", "memory", "backward", "forward", "lm-head", "mlp", "model")
     assert all(s["dtypes"] == (torch.float16,) for s in p.settings.values())
     assert p.impls == ("eager", "fusedad") and p.settings["layers"]["shapes"] == (plan.Shape(2, 3, 4),)
     assert p.settings["memory"]["net3"] == impls.TINY_NET3 and "shapes" not in p.settings["memory"]
