@@ -55,16 +55,22 @@ class LossWithoutLogits:
     """The instance-level ``forward`` of a converted causal LM (see the module docstring)."""
 
     def __init__(self, model):
+        # transformers' names are resolved here, not in the call: an import inside the forward is traced by
+        # torch.compile, and torch 2.11's Dynamo cannot trace ``from transformers import modeling_outputs``
+        # (a lazy module: "Bad import result", a graph break).
+        from transformers import modeling_outputs
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
         self.model = model
         self.__signature__ = inspect.signature(type(model).forward.__get__(model))  # generate() reads it
+        self._transformers_loss = ForCausalLMLoss
+        self._output_class = getattr(modeling_outputs, MODELS[type(model).__name__][1])
 
     def _own(self, *args, **kwargs):
         return type(self.model).forward(self.model, *args, **kwargs)
 
     def _fusable(self, bound):
         model, kw = self.model, bound.arguments
-        from transformers.loss.loss_utils import ForCausalLMLoss
-
         head = getattr(model, "lm_head", None)
         config = model.config
         extra = kw.get("kwargs", {})
@@ -72,7 +78,7 @@ class LossWithoutLogits:
                 and isinstance(kw.get("logits_to_keep", 0), int) and kw.get("logits_to_keep", 0) == 0
                 and extra.get("return_dict", True) is not False
                 and extra.get("output_hidden_states") is not True  # hidden_states tuple: keep it simple
-                and model.loss_function is ForCausalLMLoss
+                and model.loss_function is self._transformers_loss
                 and isinstance(head, torch.nn.Linear) and not any(getattr(head, h) for h in _HOOKS)
                 and getattr(head, "activation", None) is None
                 and getattr(config, "pretraining_tp", 1) <= 1)
@@ -82,7 +88,7 @@ class LossWithoutLogits:
         if not self._fusable(bound):
             return self._own(*args, **kwargs)
         model = self.model
-        decoder_name, output_name = MODELS[type(model).__name__]
+        decoder_name = MODELS[type(model).__name__][0]
         arguments = dict(bound.arguments)
         labels = arguments.pop("labels")
         arguments.pop("logits_to_keep", None)
@@ -100,10 +106,8 @@ class LossWithoutLogits:
                                     out_dtype=torch.float32)
         if num_items is not None:
             loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
-        from transformers import modeling_outputs
-
         fields = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
-        return getattr(modeling_outputs, output_name)(loss=loss, logits=None, **fields)
+        return self._output_class(loss=loss, logits=None, **fields)
 
     def __reduce__(self):  # pickles as "the fused forward of this model"
         return LossWithoutLogits, (self.model,)

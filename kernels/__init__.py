@@ -7,7 +7,8 @@ Imported under the bare name ``kernels`` — which happens whenever the reposito
 ``python -m pytest`` or ``python -m bench`` started there, a script in the root, pytest's ``pythonpath`` —
 this directory is not what the caller wants (transformers 5 imports the PyPI package ``kernels``): the
 module then hands over to the next ``kernels`` on the path (the PyPI package, if installed) in
-``sys.modules`` and defines nothing of its own; without one, the import fails as it would elsewhere.
+``sys.modules`` and defines nothing of its own; without one, it is an empty stand-in, like the namespace
+package Python makes of a directory without ``__init__.py``: no ``__file__``, no version, no submodules.
 """
 if __name__ == "kernels":
     import importlib.machinery as _machinery
@@ -35,13 +36,19 @@ if __name__ == "kernels":
                 module = _util.module_from_spec(spec)
                 _sys.modules["kernels"] = module  # the import statement returns this module
                 spec.loader.exec_module(module)
-                return
-        del _sys.modules["kernels"]
-        raise ModuleNotFoundError(
-            f"No module named 'kernels' (the directory {here} is fusedad.kernels, not the PyPI package "
-            f"'kernels')", name="kernels")
+                return True
+        return False
 
-    _handover()
+    if not _handover():
+        # No other ``kernels`` is installed (transformers 5.17, the GPU image's, does not require it; 5.25
+        # does). Raising here broke transformers: it probes the name (``find_spec`` finds this directory,
+        # then ``import_module``), and a ModuleNotFoundError there stopped its model classes from importing.
+        # Python itself makes an empty namespace package of a directory without ``__init__.py``, and
+        # transformers reads "no ``__file__``, no ``__version__``" as "not installed": the bare name
+        # becomes that — no attributes, no submodules.
+        __file__ = None
+        __path__ = []
+        del _machinery, _util, _os, _sys, _handover
 else:
     from .linear import (INTERPRETER, Launch, dot_precision, force_int64, linear_backward, linear_forward,
                          needs_int64, record_launches)
