@@ -136,10 +136,19 @@ def _refuse_main_grad_fake(x):
 refuse_main_grad.register_autograd(lambda ctx, grad: grad)
 
 
+def _exporting():
+    """True while torch.export traces. Read from torch's flag, not ``torch.compiler.is_exporting()``: torch
+    2.11's Dynamo (the GPU image's) folds that call to True under plain torch.compile as well (2.13 reads
+    the flag), which turned the refusal below into a raise while tracing, i.e. a graph break and a silent
+    eager run."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def refuse_main_grad_in_graph(x):
     """Under torch.export: raise now (export runs this Python once and never falls back). Under
     torch.compile: x through ``refuse_main_grad``, which raises when the graph runs."""
-    if torch.compiler.is_exporting():
+    if _exporting():
         raise NotImplementedError(MAIN_GRAD_UNDER_COMPILE)
     return refuse_main_grad(x)
 
