@@ -37,6 +37,7 @@ MODELS = {
     "GemmaForCausalLM": ("model", "CausalLMOutputWithPast"),
     # logits = c·tanh(lm_head(h) / c) with c = config.final_logit_softcapping: the fused loss's softcap
     "Gemma2ForCausalLM": ("model", "CausalLMOutputWithPast"),
+    "Gemma3ForCausalLM": ("model", "CausalLMOutputWithPast"),  # the text model; Gemma 2's forward, softcap included
     "Phi3ForCausalLM": ("model", "CausalLMOutputWithPast"),
     "GPTNeoXForCausalLM": ("gpt_neox", "CausalLMOutputWithPast"),
     "GPT2LMHeadModel": ("transformer", "CausalLMOutputWithCrossAttentions"),

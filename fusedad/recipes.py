@@ -3,7 +3,8 @@
 A model's MLP block calls its activation (and the gated product) inside its own ``forward``, so swapping
 its linear layers fuses nothing. A *recipe* says what a block class computes in terms of its children:
 
-    "gated":   down(act(gate(x)) ⊙ up(x))            Llama, Mistral, Qwen2/3, Gemma
+    "gated":   down(act(gate(x)) ⊙ up(x))            Llama, Mistral, Qwen2/3, Gemma 1-3, and any class whose
+                                                  forward reads as Llama's (see :func:`recipe_for`)
     "packed":  down(act(g) ⊙ u), (g, u) = gate_up(x) split in halves, gate first      Phi-3
     "plain":   down(act(fc1(x)))                      GPT-NeoX, GPT-2 (Conv1D)
     "act":     act(fc1(x))                            BERT / ViT ``*Intermediate`` (fused into the GEMM)
@@ -14,8 +15,9 @@ projections as ``fusedad.nn.Linear`` / fused Conv1D sharing the Parameter object
 optimizers and tied weights keep working) and runs ``fusedad.functional.gated_mlp`` / ``mlp`` / ``linear``.
 
 A recipe never changes what a module computes. A block is left as it is unless every check holds:
-its class is exactly the recipe's (transformers' built-in recipes: the class of that name defined in a
-``transformers.models`` module, ``forward`` its own); no ``forward`` set on the instance; no hooks on it or
+its class is exactly the recipe's (transformers' built-in recipes: a class defined in a
+``transformers.models`` module, ``forward`` its own and reading, statement for statement, as the recipe's
+was read — :func:`forward_text`); no ``forward`` set on the instance; no hooks on it or
 its children, and no global module hooks; its children are exactly the recipe's (an extra dropout or
 any other added child → left alone); each projection is exactly ``nn.Linear`` (or an unfused
 ``fusedad.nn.Linear``), or transformers' ``Conv1D`` where the recipe says so — a PEFT/LoRA-wrapped
@@ -30,7 +32,10 @@ Users register recipes for their own block types with :func:`register`. Nothing 
 transformers: classes are recognised by name and module, so a model that does not use transformers never
 imports it, and no transformers class is patched.
 """
+import ast
 import dataclasses
+import inspect
+import textwrap
 from typing import Optional, Tuple
 
 import torch
@@ -73,16 +78,35 @@ class Recipe:
 
 _GATED = Recipe("gated", ("gate_proj", "up_proj"), "down_proj", "act_fn")
 
-#: transformers' blocks by class name (the class must come from a ``transformers.models.*`` module).
-#: Each forward was read in transformers 5: exactly the recipe's computation.
+#: The forward every gated block below reads, written as :func:`forward_text` writes a ``forward``:
+#: ``(parameters): statements`` (the docstring dropped, each statement unparsed by ``ast``).
+GATED_FORWARD = "(self, x): down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)); return down_proj"
+
+#: transformers' blocks by class name (the class must come from a ``transformers.models.*`` module), with
+#: the forward each was read with (transformers 5.17 and 5.25 alike): a class whose ``forward`` reads
+#: otherwise — another transformers version changed it — is left as it is.
 _HF = {
-    "LlamaMLP": _GATED, "MistralMLP": _GATED, "Qwen2MLP": _GATED, "Qwen3MLP": _GATED, "GemmaMLP": _GATED,
-    "Gemma2MLP": _GATED,
-    "Phi3MLP": Recipe("packed", ("gate_up_proj",), "down_proj", "activation_fn"),
-    "GPTNeoXMLP": Recipe("plain", ("dense_h_to_4h",), "dense_4h_to_h", "act"),
-    "GPT2MLP": Recipe("plain", ("c_fc",), "c_proj", "act", post=("dropout",), conv1d=True),
-    "BertIntermediate": Recipe("act", ("dense",), None, "intermediate_act_fn"),
-    "ViTMLP": Recipe("plain", ("fc1",), "fc2", "activation_fn"),
+    **{name: (_GATED, GATED_FORWARD)
+       for name in ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP")},
+    "Phi3MLP": (Recipe("packed", ("gate_up_proj",), "down_proj", "activation_fn"),
+                "(self, hidden_states): up_states = self.gate_up_proj(hidden_states); "
+                "gate, up_states = up_states.chunk(2, dim=-1); up_states = up_states * self.activation_fn(gate); "
+                "return self.down_proj(up_states)"),
+    "GPTNeoXMLP": (Recipe("plain", ("dense_h_to_4h",), "dense_4h_to_h", "act"),
+                   "(self, hidden_states): hidden_states = self.dense_h_to_4h(hidden_states); "
+                   "hidden_states = self.act(hidden_states); hidden_states = self.dense_4h_to_h(hidden_states); "
+                   "return hidden_states"),
+    "GPT2MLP": (Recipe("plain", ("c_fc",), "c_proj", "act", post=("dropout",), conv1d=True),
+                "(self, hidden_states): hidden_states = self.c_fc(hidden_states); "
+                "hidden_states = self.act(hidden_states); hidden_states = self.c_proj(hidden_states); "
+                "hidden_states = self.dropout(hidden_states); return hidden_states"),
+    "BertIntermediate": (Recipe("act", ("dense",), None, "intermediate_act_fn"),
+                         "(self, hidden_states): hidden_states = self.dense(hidden_states); "
+                         "hidden_states = self.intermediate_act_fn(hidden_states); return hidden_states"),
+    "ViTMLP": (Recipe("plain", ("fc1",), "fc2", "activation_fn"),
+               "(self, hidden_states): hidden_states = self.fc1(hidden_states); "
+               "hidden_states = self.activation_fn(hidden_states); hidden_states = self.fc2(hidden_states); "
+               "return hidden_states"),
 }
 
 #: user recipes, by exact class
@@ -110,15 +134,49 @@ def _own_forward(cls):
         getattr(fn, "__module__", None) == cls.__module__
 
 
+_FORWARD_TEXT = {}
+
+
+def forward_text(cls):
+    """``cls.forward`` as ``"(parameters): statement; statement"`` — its parameters (positional only: any
+    default, ``*args``, keyword-only or ``**kwargs`` → None), then its body without the docstring, each
+    statement unparsed by ``ast`` (so comments, blank lines and formatting do not count) — or None if it
+    has decorators or its source cannot be read. Cached per class."""
+    if cls in _FORWARD_TEXT:
+        return _FORWARD_TEXT[cls]
+    text = None
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(vars(cls)["forward"])))
+    except (KeyError, OSError, TypeError, SyntaxError, IndentationError):
+        tree = None
+    fn = tree.body[0] if tree is not None and len(tree.body) == 1 else None
+    if isinstance(fn, ast.FunctionDef) and not fn.decorator_list:
+        a = fn.args
+        if not (a.posonlyargs or a.vararg or a.kwonlyargs or a.kwarg or a.defaults):
+            body = fn.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                body = body[1:]
+            text = f"({', '.join(p.arg for p in a.args)}): " + "; ".join(ast.unparse(stmt) for stmt in body)
+    _FORWARD_TEXT[cls] = text
+    return text
+
+
 def recipe_for(module):
-    """The recipe for this module's exact class, or None."""
+    """The recipe for this module's exact class, or None.
+
+    A registered class: its recipe. A transformers class (defined in a ``transformers.models`` module,
+    with its own ``forward``): the table's recipe for its name if its forward reads as the table says;
+    for any other name, the gated recipe if its forward reads exactly :data:`GATED_FORWARD` — the
+    Llama-style block that most decoder models in transformers define under their own class name
+    (Olmo, SmolLM3, Granite, DeepSeek-V3's dense layers, Qwen-MoE's shared experts, …)."""
     cls = type(module)
     if cls in _USER:
         return _USER[cls]
-    recipe = _HF.get(cls.__name__)
-    if recipe is not None and cls.__module__.startswith("transformers.models.") and _own_forward(cls):
-        return recipe
-    return None
+    if not (cls.__module__.startswith("transformers.models.") and _own_forward(cls)):
+        return None
+    recipe, forward = _HF.get(cls.__name__, (_GATED, GATED_FORWARD))
+    return recipe if forward_text(cls) == forward else None
 
 
 def _from_transformers(module, qualname, where="transformers.activations"):

@@ -154,6 +154,10 @@ ARCHS = {
     "gemma2": (lambda: T.Gemma2ForCausalLM(_quiet(T.Gemma2Config(**_small(num_key_value_heads=2, head_dim=16,
                                                                           final_logit_softcapping=2.0)))),
                "Gemma2MLP", "gelu_tanh", True, 0),
+    # Gemma 3 (text): Gemma 2's block and loss path, softcapping included
+    "gemma3": (lambda: T.Gemma3ForCausalLM(_quiet(T.Gemma3TextConfig(**_small(num_key_value_heads=2, head_dim=16,
+                                                                              final_logit_softcapping=2.0)))),
+               "Gemma3MLP", "gelu_tanh", True, 0),
     "phi3": (lambda: T.Phi3ForCausalLM(_quiet(T.Phi3Config(**_small(num_key_value_heads=2)))), "Phi3MLP", "silu", True, 2),
     "gpt_neox": (lambda: T.GPTNeoXForCausalLM(_quiet(T.GPTNeoXConfig(**_small(hidden_act="relu")))),
                  "GPTNeoXMLP", "relu", False, 0),
@@ -275,6 +279,126 @@ def test_converted_model_equals_transformers(name):
         _assert_same_step(_step(ref, inputs, opt0, causal), _step(model, inputs, opt1), causal)
         for (n, p0), p1 in zip(ref.named_parameters(), model.parameters()):
             torch.testing.assert_close(p1, p0, msg=lambda m, n=n: f"{n} after AdamW: {m}")
+
+
+#: decoders whose MLP class is not in the recipe table but whose forward reads as Llama's, statement for
+#: statement: fused by that rule. Their causal LMs keep their own forward (not in the loss's table).
+LLAMA_STYLE = {
+    "olmo2": (lambda: T.Olmo2ForCausalLM(_quiet(T.Olmo2Config(**_small(num_key_value_heads=2)))), "Olmo2MLP"),
+    "smollm3": (lambda: T.SmolLM3ForCausalLM(_quiet(T.SmolLM3Config(**_small(num_key_value_heads=2)))), "SmolLM3MLP"),
+    "granite": (lambda: T.GraniteForCausalLM(_quiet(T.GraniteConfig(**_small(num_key_value_heads=2)))), "GraniteMLP"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_STYLE))
+def test_llama_style_blocks_of_other_architectures_are_fused(name):
+    """fp64: the block is fused (the gated kernels run) and the model's logits and every gradient equal
+    the unconverted model's; the causal LM's forward is its own (logits returned), with a warning."""
+    build, block_cls = LLAMA_STYLE[name]
+    torch.manual_seed(0)
+    ref = build().to(DEVICE, torch.float64).train()
+    model = copy.deepcopy(ref)
+    with pytest.warns(UserWarning, match="keeps its own forward"):
+        fusedad.convert(model)
+    blocks = [m for m in model.modules() if isinstance(m, FusedBlock)]
+    assert [b.original_class for b in blocks] == [block_cls] and blocks[0].activation == "silu"
+    ids = torch.randint(0, V, (2, SEQ), device=DEVICE)
+    with record_launches() as log:
+        got = model(input_ids=ids).logits
+        got.square().mean().backward()
+    want = ref(input_ids=ids).logits
+    want.square().mean().backward()
+    torch.testing.assert_close(got, want)
+    for (n, p0), p1 in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p1.grad, p0.grad, msg=lambda m, n=n: f"{n}: {m}")
+    kernels = {launch.kernel for launch in log}
+    assert {"mlp_gated_up", "mlp_gated_dual_bwd", "mlp_down_bwd"} <= kernels, sorted(kernels)
+
+
+_FAKE_ARCH = '''
+import functools
+
+import torch
+from transformers.activations import ACT2FN
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(8, 16, bias=False)
+        self.up_proj = torch.nn.Linear(8, 16, bias=False)
+        self.down_proj = torch.nn.Linear(16, 8, bias=False)
+        self.act_fn = ACT2FN["silu"]
+
+
+class ReformattedMLP(_Block):
+    def forward(self, x):
+        """A docstring, comments and other line breaks do not change what it computes."""
+        # the gated product
+        down_proj = self.down_proj(
+            self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return down_proj
+
+
+class ActOnUpMLP(_Block):
+    def forward(self, x):
+        down_proj = self.down_proj(self.gate_proj(x) * self.act_fn(self.up_proj(x)))
+        return down_proj
+
+
+class ScaledMLP(_Block):
+    def forward(self, x):
+        down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return 2 * down_proj
+
+
+class KeywordMLP(_Block):  # the fused block's forward takes x alone: a caller's keywords would fail there
+    def forward(self, x, **kwargs):
+        down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return down_proj
+
+
+def _twice(fn):
+    @functools.wraps(fn)  # as transformers' decorators do: inspect then reads the decorated source
+    def twice(self, x):
+        return 2 * fn(self, x)
+    return twice
+
+
+class DecoratedMLP(_Block):
+    @_twice
+    def forward(self, x):
+        down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return down_proj
+
+
+class LlamaMLP(_Block):  # a table name, but not the forward the table read
+    def forward(self, x):
+        down_proj = self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+        return down_proj
+'''
+
+
+def test_llama_style_rule_reads_the_forward_statement_for_statement(tmp_path):
+    """Classes of a (fake) ``transformers.models`` module: only a forward that reads as Llama's — the
+    formatting, comments and docstring aside — is fused; a changed operand order, a scaled output, a
+    keyword parameter, a decorator, or a table name whose forward is not the one the table read are
+    left as they are (and still compute what they did)."""
+    import importlib.util
+
+    path = tmp_path / "modeling_fakearch.py"
+    path.write_text(_FAKE_ARCH)
+    spec = importlib.util.spec_from_file_location("transformers.models.fakearch.modeling_fakearch", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, dtype=torch.float64, device=DEVICE)
+    for cls, fused in [(mod.ReformattedMLP, True), (mod.ActOnUpMLP, False), (mod.ScaledMLP, False),
+                       (mod.KeywordMLP, False), (mod.DecoratedMLP, False), (mod.LlamaMLP, False)]:
+        ref = cls().to(DEVICE, torch.float64)
+        model = fusedad.convert(torch.nn.Sequential(copy.deepcopy(ref)))
+        assert isinstance(model[0], FusedBlock) == fused, cls.__name__
+        torch.testing.assert_close(model(x), ref(x), msg=lambda m, c=cls: f"{c.__name__}: {m}")
 
 
 _ACT_NAMES = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -437,9 +561,16 @@ def test_same_class_name_elsewhere_is_not_a_transformers_block():
         def forward(self, x):
             return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
 
-    m = torch.nn.Sequential(LlamaMLP())
-    fusedad.convert(m)
-    assert type(m[0]).__qualname__.endswith("LlamaMLP") and not isinstance(m[0], FusedBlock)
+    class SameForward(LlamaMLP):  # Llama's forward, statement for statement, but not transformers' class
+        def forward(self, x):
+            down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            return down_proj
+
+    SameForward.__name__ = SameForward.__qualname__ = "LlamaMLP"
+    for cls in (LlamaMLP, SameForward):
+        m = torch.nn.Sequential(cls())
+        fusedad.convert(m)
+        assert type(m[0]) is cls and not isinstance(m[0], FusedBlock)  # users register their own classes
 
 
 def test_gpt2_block_dropout_runs_after_the_fused_block():
