@@ -36,6 +36,7 @@ import ast
 import dataclasses
 import inspect
 import textwrap
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -134,7 +135,7 @@ def _own_forward(cls):
         getattr(fn, "__module__", None) == cls.__module__
 
 
-_FORWARD_TEXT = {}
+_FORWARD_TEXT = weakref.WeakKeyDictionary()  # class -> forward_text(class); classes made at run time can go
 
 
 def forward_text(cls):
