@@ -83,12 +83,12 @@ _GATED = Recipe("gated", ("gate_proj", "up_proj"), "down_proj", "act_fn")
 #: ``(parameters): statements`` (the docstring dropped, each statement unparsed by ``ast``).
 GATED_FORWARD = "(self, x): down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)); return down_proj"
 
-#: transformers' blocks by class name (the class must come from a ``transformers.models.*`` module), with
-#: the forward each was read with (transformers 5.17 and 5.25 alike): a class whose ``forward`` reads
-#: otherwise — another transformers version changed it — is left as it is.
+#: transformers' non-gated blocks by class name (the class must come from a ``transformers.models.*``
+#: module), with the forward each was read with (transformers 5.17 and 5.25 alike): a class whose
+#: ``forward`` reads otherwise — another transformers version changed it — is left as it is. The gated
+#: blocks (LlamaMLP, MistralMLP, Qwen2/3MLP, Gemma/Gemma2/Gemma3MLP, …) need no entry: every transformers
+#: class whose forward reads GATED_FORWARD gets the gated recipe (``recipe_for``).
 _HF = {
-    **{name: (_GATED, GATED_FORWARD)
-       for name in ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma2MLP", "Gemma3MLP")},
     "Phi3MLP": (Recipe("packed", ("gate_up_proj",), "down_proj", "activation_fn"),
                 "(self, hidden_states): up_states = self.gate_up_proj(hidden_states); "
                 "gate, up_states = up_states.chunk(2, dim=-1); up_states = up_states * self.activation_fn(gate); "
@@ -168,9 +168,9 @@ def recipe_for(module):
 
     A registered class: its recipe. A transformers class (defined in a ``transformers.models`` module,
     with its own ``forward``): the table's recipe for its name if its forward reads as the table says;
-    for any other name, the gated recipe if its forward reads exactly :data:`GATED_FORWARD` — the
-    Llama-style block that most decoder models in transformers define under their own class name
-    (Olmo, SmolLM3, Granite, DeepSeek-V3's dense layers, Qwen-MoE's shared experts, …)."""
+    for any other name, the gated recipe if its forward reads exactly :data:`GATED_FORWARD` — Llama's
+    block, which most decoder models in transformers define under their own class name (Mistral, Qwen,
+    Gemma, OLMo, SmolLM3, Granite, DeepSeek-V3's dense layers, Qwen-MoE's shared experts, …)."""
     cls = type(module)
     if cls in _USER:
         return _USER[cls]

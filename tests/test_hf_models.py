@@ -18,6 +18,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+#: a tiny Llama built in the sub-processes below (needs LlamaConfig and LlamaForCausalLM imported there)
+_TINY_LLAMA = ("LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, "
+               "num_attention_heads=2, num_key_value_heads=2, vocab_size=32))")
+
+
 def _run_at_root(code, *args):
     """Python started at the repository root (sys.path[0] = root, as ``python -m pytest`` / ``-m bench``)."""
     return subprocess.run([sys.executable, *args, "-c", code], cwd=ROOT, capture_output=True, text=True,
@@ -38,8 +43,7 @@ def test_bare_kernels_name_is_the_pypi_package_at_the_root():
             "print('IMPORTED', 'transformers' in sys.modules)\n"
             "try:\n    import transformers\nexcept ImportError:\n    pass\nelse:\n"
             "    from transformers import LlamaConfig, LlamaForCausalLM\n"
-            "    m = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, "
-            "num_attention_heads=2, num_key_value_heads=2, vocab_size=32))\n    print('MODEL', type(m).__name__)\n")
+            f"    m = {_TINY_LLAMA}\n    print('MODEL', type(m).__name__)\n")
     out = _run_at_root(code)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
@@ -90,8 +94,7 @@ def test_transformers_builds_at_the_root_without_the_pypi_kernels_package():
             "md.version = no_kernels_version\n"
             "from transformers import LlamaConfig, LlamaForCausalLM\n"
             "from transformers.utils.import_utils import is_kernels_available\n"
-            "m = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, "
-            "num_attention_heads=2, num_key_value_heads=2, vocab_size=32))\n"
+            f"m = {_TINY_LLAMA}\n"
             "import kernels\n"
             "print(type(m).__name__, is_kernels_available(), getattr(kernels, '__file__', None))\n")
     out = _run_at_root(code)
