@@ -25,9 +25,12 @@ _NO_ACTIVATION = activations.lookup(None)
 _PLAIN = backend.PLAIN_TYPES
 
 
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def is_functorch_tensor(t):
     """True for tensors wrapped by a torch.func transform (vmap's BatchedTensor, grad/jvp wrappers)."""
-    return t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return t is not None and _is_wrapped(t)
 
 
 def _fused_linear(a, w):
@@ -135,7 +138,8 @@ class FusedLinearEagerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, act, precomputed, weight_main_grad):
-        y, z = FusedLinearFunction.forward(x, weight, bias, act, precomputed, weight_main_grad)
+        # (``route`` never sends precomputed tangents here)
+        y, z, _, _ = backend.for_tensor(x).forward(x, weight, bias, act, store_preact=act.needs_z)
         # Reverse mode only: ``route`` sends every call with forward-mode tangents to FusedLinearFunction,
         # so nothing is kept for a jvp here (save_for_forward is skipped: measured per recorded call in
         # docs/torch-rows-and-host-path.md).
@@ -198,7 +202,7 @@ def route(x, weight, bias, act, weight_main_grad=None):
         # DTensor: the custom ops on the local shards; any other subclass: torch ops (the kernels read raw
         # storage, which a __torch_dispatch__ wrapper does not have).
         return distributed.subclass_linear(x, weight, bias, act, weight_main_grad)
-    wrapped = is_functorch_tensor(x) or is_functorch_tensor(weight) or is_functorch_tensor(bias)
+    wrapped = _is_wrapped(x) or _is_wrapped(weight) or (bias is not None and _is_wrapped(bias))
     if weight_main_grad is not None and is_functorch_tensor(weight):
         # Inside the transform the backward would add a wrapped dW into a captured buffer, which functorch
         # refuses with an error that does not name the cause.

@@ -4,6 +4,8 @@ import sys
 import torch
 
 from . import activations, ops
+from ._validate import common_2d_call
+from .autograd import route
 from .functional import gated_mlp, linear, mlp
 
 
@@ -40,6 +42,10 @@ class Linear(torch.nn.Linear):
             # TorchScript compiles only this branch (is_scripting() is a constant to it, the Python path
             # below is never compiled); see ops.scripted_linear.
             return ops.scripted_linear(input, self.weight, self.bias, self.activation, self.accumulate_main_grad)
+        weight, bias = self.weight, self.bias
+        if not self.accumulate_main_grad and common_2d_call(input, weight, bias):
+            # The per-call fast path (what ``linear`` does for this call, without its own call).
+            return route(input, weight, bias, activations.lookup(self.activation))
         main_grad = None
         if self.accumulate_main_grad and self.weight.requires_grad:
             _refuse_main_grad_under_data_parallel(self)

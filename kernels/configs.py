@@ -325,6 +325,8 @@ def _launch_key(device_name, kernel_name, flags, M, N, K, dtype):
 def cached_choice(device_name, kernel_name, flags, M, N, K, dtype):
     """The item tuned for this launch's key in this process (or loaded), else None; never times, never
     reads the disk (``launch_config`` does, once per key)."""
+    if not _CACHE:  # (nothing tuned yet, or autotuning off: no key to build)
+        return None
     return _CACHE.get(_launch_key(device_name, kernel_name, flags, M, N, K, dtype))
 
 

@@ -228,7 +228,7 @@ def _pick(direction, problem, device, traced, run, variant=None):
                                                         and cached.applies(problem))):
             return cached, hit[1]
     if not configs.autotune_enabled():  # FUSEDAD_AUTOTUNE=0: the heuristic pair, the tuning space's first
-        return chosen, chosen.config_space(M, N, K, dtype)[0]
+        return chosen, variants.heuristic_config(chosen, M, N, K, dtype)
     if variant is not None:  # the caller fixed the variant: tune its tiles only
         pairs = [(variant, c) for c in variant.config_space(M, N, K, dtype)]
     else:  # tune over (variant, config)
@@ -453,7 +453,7 @@ def _dz_pass(grad_y, saved, act, db, common, wrap, record=True):
     problem = variants.Problem(M, N, 0, grad_y.dtype, (grad_y, saved, dz), flags)
     variant = variants.select("dz", problem)
     # One fixed tile (nothing to tune in an elementwise pass): it also sets the rows of db's partial sums.
-    cfg = variant.config_space(M, N, 0, grad_y.dtype)[0]
+    cfg = variants.heuristic_config(variant, M, N, 0, grad_y.dtype)
     acc_dtype = torch.float64 if common["FP64"] else torch.float32
     partial = (torch.empty((cdiv(M, cfg.BLOCK_M), N), dtype=acc_dtype, device=grad_y.device)
                if db is not None else dz)

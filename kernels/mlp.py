@@ -42,7 +42,7 @@ def _fixed_config(variant, M, N, K, dtype):
     bias partial sums are allocated."""
     if INTERPRETER:
         return configs.interpreter_config(M, N, K)
-    return variant.config_space(M, N, K, dtype)[0]
+    return variants.heuristic_config(variant, M, N, K, dtype)
 
 
 def down_backward(grad_y, w_down, g, u, act, need_pre=True, need_h=True, need_bias_pre=False,

@@ -94,8 +94,20 @@ def _tma_layout(p):
     return all(_tma_ok(t) for t in (x, w, y, z))
 
 
-def _decode_shape(p):
-    return 0 < p.M <= DECODE_M and p.N > 0 and len(p.tensors) > 0
+def _decode_splits(p):
+    """M ≤ 16 and a split-K plan of at least two splits at the tile the launch takes unless tuned (the
+    interpreter's under the interpreter, else the decode heuristic's). A single split — K within one
+    BLOCK_K, or N so wide (≳ 17k columns at 64-wide tiles on 132 SMs: an LM head, a 70B model's MLP) that
+    its tiles alone fill two waves — has nothing to add up: the pointer kernel, the next default row,
+    computes the tile with its epilogue in one launch, without the scratch buffer and the reduce launch.
+    (A tuned tile whose plan has one split still runs correctly here, as a plan of one split.)"""
+    if not (0 < p.M <= DECODE_M and p.N > 0 and len(p.tensors) > 0):
+        return False
+    if _INTERPRETER:
+        cfg = configs.interpreter_config(p.M, p.N, p.K)
+    else:
+        cfg = _first_config(configs.decode_candidates, p.M, p.N, p.K, p.dtype)
+    return splitk_plan(p, cfg)[0] >= 2
 
 
 def _never(p):
@@ -123,8 +135,9 @@ def _splitk_launch(p, cfg, args, launch_one):
     splits, k_split = splitk_plan(p, cfg)
     acc_dtype = torch.float64 if p.flags.get("FP64") else torch.float32
     part = torch.empty((splits, p.M, p.N), dtype=acc_dtype, device=p.tensors[0].device)
-    launch_one(by_name("linear_fwd_splitk"), _splitk_grid(p, cfg), (*args, part, k_split))
-    launch_one(by_name("linear_fwd_splitk_reduce"), (cdiv(p.N, cfg.BLOCK_N),), (*args, part, splits))
+    n_tiles = cdiv(p.N, cfg.BLOCK_N)
+    launch_one(by_name("linear_fwd_splitk"), (n_tiles, splits), (*args, part, k_split))
+    launch_one(by_name("linear_fwd_splitk_reduce"), (n_tiles,), (*args, part, splits))
 
 
 def _backward_grid(p, cfg):
@@ -209,7 +222,7 @@ VARIANTS = (
     # Decode (M ≤ 16): split-K so that ≥ 2 waves of CTAs stream the weight; a fixed-order reduction with
     # the epilogue follows (the row below). Any strides (pointer loads through the shared tile body).
     Variant("linear_fwd_splitk", "fwd", _linear_fwd_splitk_kernel, _splitk_grid, configs.decode_candidates,
-            _decode_shape, _FWD_UNIT_STRIDES, launch=_splitk_launch),
+            _decode_splits, _FWD_UNIT_STRIDES, launch=_splitk_launch),
     # The second launch of linear_fwd_splitk; a row only so that sm90_compile lowers it: never selected.
     Variant("linear_fwd_splitk_reduce", "fwd", _linear_fwd_splitk_reduce_kernel, _forward_grid,
             configs.decode_candidates, _never, _FWD_UNIT_STRIDES, default=False),
@@ -280,6 +293,30 @@ def use(name):
 def forced(direction):
     """The variant name ``use`` forces for ``direction``, or None."""
     return _FORCED.get(direction)
+
+
+_HEURISTIC = {}  # (config space, M, N, K, dtype) -> its first TileConfig
+#: Shapes ``heuristic_config`` remembers before it starts over (a process that sees ever new M values —
+#: variable sequence lengths — must not grow it without bound).
+HEURISTIC_MEMO_SHAPES = 4096
+
+
+def heuristic_config(variant, M, N, K, dtype):
+    """The heuristic's pick for ``variant`` at this shape: its config space's first entry, memoised (the
+    spaces are pure functions of the shape; building one — a few dataclass constructions, rescaled for
+    fp32 — was the largest item of a forward launch's host work with autotuning off, profiled with
+    ``python -m bench.overhead --launcher``). Bounded: cleared past ``HEURISTIC_MEMO_SHAPES`` shapes."""
+    return _first_config(variant.config_space, M, N, K, dtype)
+
+
+def _first_config(space, M, N, K, dtype):
+    key = (space, M, N, K, dtype)
+    cfg = _HEURISTIC.get(key)
+    if cfg is None:
+        if len(_HEURISTIC) >= HEURISTIC_MEMO_SHAPES:
+            _HEURISTIC.clear()
+        cfg = _HEURISTIC[key] = space(M, N, K, dtype)[0]
+    return cfg
 
 
 def by_name(name):

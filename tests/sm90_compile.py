@@ -420,7 +420,7 @@ def _gated(variant, dtype, buckets):
     from fusedad.kernels import variants
 
     # A variant whose predicate admits only decode shapes (split-K) never runs a compute-bound M.
-    decode_only = variant.applies is variants._decode_shape
+    decode_only = variant.applies is variants._decode_splits
     return ((variant.default or variant.descriptors) and not decode_only and dtype in ("bf16", "fp16")
             and "M>128" in buckets.split(","))
 

@@ -490,8 +490,8 @@ def test_overhead_launcher_mode_runs_the_launch_path_with_every_launch_stubbed(t
         layer = fusedad.nn.Linear(64, 64, activation="gelu")
         with record_launches() as log:
             layer(torch.randn(8, 64, requires_grad=True)).sum().backward()
-    assert [launch.kernel for launch in log] == ["linear_fwd_splitk", "linear_fwd_splitk_reduce", "linear_dz",
-                                                 "linear_bwd"]
+    # (batch 8, K = 64: the decode path's plan has one split — one launch of the pointer kernel)
+    assert [launch.kernel for launch in log] == ["linear_fwd", "linear_dz", "linear_bwd"]
     assert (launcher.INTERPRETER, launcher._device_name, variants.VARIANTS, variants.num_sms, backend._CPU) == before
 
 
@@ -629,9 +629,10 @@ def _forward_plan(shapes, acts=("gelu_tanh",), **kw):
 
 
 def test_forward_suite_runs_every_applicable_fwd_variant_f_linear_eager_and_the_copy():
-    """A decode case runs every forward variant of the table (split-K included: its own launch pair), a
-    larger one every variant but split-K; F.linear and, at decode, the weight copy beside them."""
-    shapes = (plan.Shape(1, 32, 16), plan.Shape(24, 32, 16))
+    """A decode case runs every forward variant of the table (split-K included: its own launch pair, K
+    spanning two splits), a larger one every variant but split-K; F.linear and, at decode, the weight
+    copy beside them."""
+    shapes = (plan.Shape(1, 80, 16), plan.Shape(24, 32, 16))
     rows = runner.run_suite(SUITES["forward"], _forward_plan(shapes, plant_mismatch=True), None, progress=False)
     names = [v.name for v in forward.fwd_variants()]
     assert {"linear_fwd", "linear_fwd_tma", "linear_fwd_tma_persistent", "linear_fwd_tma_ws",
@@ -678,7 +679,12 @@ def test_forward_copy_fraction_is_each_rows_bandwidth_over_the_copys():
     assert "pct_copy" not in rows[3]
 
 
-def test_forward_preset_is_the_protocol_plan():
+def test_forward_preset_is_the_protocol_plan(monkeypatch):
+    from fusedad.kernels import variants
+
+    # The plan as an H100 builds it: the split-K row applies where its plan (decode tile, 132 SMs) splits K.
+    monkeypatch.setattr(variants, "_INTERPRETER", False)
+    monkeypatch.setattr(variants, "num_sms", lambda problem: 132)
     cuda = forward.preset("cuda", False)
     assert [(s.M, s.K, s.N) for s in cuda["shapes"]] == [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096),
                                                          (256, 4096, 8192), (1, 8192, 8192), (16, 8192, 8192)]

@@ -134,11 +134,13 @@ def test_tma_rows_share_one_kernel_and_pass_their_warp_specialize_flag(device, v
 
 
 def test_default_choice(device):
-    """Without ``use``: M ≤ 16 takes the split-K decode path (any layout), everything else the pointer
-    kernel. (The TMA kernels are not a default: none has run on a GPU; the autotuner may still pick them by
+    """Without ``use``: M ≤ 16 takes the split-K decode path (any layout) where its plan has at least
+    two splits (K = 328: several K blocks; K = 40 is one), everything else the pointer kernel.
+    (The TMA kernels are not a default: none has run on a GPU; the autotuner may still pick them by
     timing.)"""
     _needs_kernels(device)
-    cases = [((16, 40), (24, 40), ["linear_fwd_splitk", "linear_fwd_splitk_reduce"]),
+    cases = [((16, 328), (24, 328), ["linear_fwd_splitk", "linear_fwd_splitk_reduce"]),
+             ((16, 40), (24, 40), ["linear_fwd"]),
              ((17, 40), (24, 40), ["linear_fwd"]),
              ((17, 36), (24, 36), ["linear_fwd"])]
     for xs, ws, expected in cases:
@@ -168,6 +170,39 @@ def test_decode_split_k_is_deterministic_and_spans_several_splits(device, M):
     _check(x, w, b, "gelu_tanh", y1, z1)
     y2, z2, _, _ = linear_forward(x, w, b, "gelu_tanh", store_preact=True)
     assert torch.equal(y1, y2) and torch.equal(z1, z2)  # bitwise: a fixed reduction order, no atomics
+
+
+@pytest.mark.parametrize("forced", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_a_single_split_is_one_launch_without_scratch(device, forced, dtype):
+    """Where the decode plan has one split (here: K within one BLOCK_K) the split-K row does not apply,
+    even when forced: the pointer kernel runs once — no partial-sum buffer, no reduction launch — with
+    the whole epilogue (bias, z, activation), on a 16-row tile."""
+    _needs_kernels(device)
+    M, N, K = 7, 72, 40
+    x = randn(M, K, dtype=dtype, device=device)
+    w = randn(K, N, dtype=dtype, device=device).t()  # any strides, as the split-K row takes
+    b = randn(N, dtype=dtype, device=device)
+    problem = variants.Problem(M, N, K, dtype, (x, w, b, torch.empty(M, N, dtype=dtype, device=device), None), {})
+    assert not variants.by_name("linear_fwd_splitk").applies(problem)
+    allocated = []
+    real_empty = torch.empty
+
+    def counting_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        allocated.append(tuple(out.shape))
+        return out
+
+    import unittest.mock
+    with (variants.use("linear_fwd_splitk") if forced else contextlib.nullcontext()), record_launches() as log, \
+            unittest.mock.patch.object(torch, "empty", counting_empty):
+        y, z, _, _ = linear_forward(x, w, b, "gelu", store_preact=True)
+    (launch,) = log
+    assert launch.kernel == "linear_fwd" and launch.grid == (-(-N // launch.flags["BLOCK_N"]),)
+    assert launch.flags["BLOCK_M"] == 16
+    assert all(a is t for a, t in zip(launch.args, (x, w, b, y, z)))
+    assert not any(len(shape) == 3 for shape in allocated), allocated  # no (splits, M, N) scratch
+    _check(x, w, b, "gelu", y, z)
 
 
 def test_split_plan_keeps_two_waves(device):

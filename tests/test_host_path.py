@@ -5,8 +5,12 @@
 * the eager backend's first-order dZ (PyTorch's fused activation backward) equals the activation
   table's differentiable chain, NaN and inf included;
 * the int64 decision's shortcut for contiguous tensors still sees every offset ≥ 2³¹;
-* the launcher reads a tuned key's choice without building the tuning space again.
+* the launcher reads a tuned key's choice without building the tuning space again, and builds the
+  heuristic tile once per shape;
+* the module's own fast path applies the activation it has at call time.
 """
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,3 +117,41 @@ def test_a_tuned_key_is_read_without_building_the_tuning_space(monkeypatch, tmp_
         assert built == ["fwd", "bwd"]  # once per key, on its first call
     finally:
         configs.clear_cache()
+
+
+def test_the_heuristic_tile_is_built_once_per_shape(monkeypatch):
+    """``variants.heuristic_config``: the config space's first entry, the space built once per (row, M, N,
+    K, dtype) — every field of the key gives its own answer — and the memo starts over at its bound."""
+    built = []
+
+    def space(M, N, K, dtype):
+        built.append((M, N, K, dtype))
+        return configs.candidates(M, N, K, dtype)
+
+    row = dataclasses.replace(variants.by_name("linear_fwd"), config_space=space)
+    monkeypatch.setattr(variants, "_HEURISTIC", {})
+    shapes = [(64, 32, 48, torch.bfloat16), (64, 32, 48, torch.float32), (200, 32, 48, torch.float32),
+              (64, 40, 48, torch.float32), (64, 32, 80, torch.float32), (8, 32, 48, torch.float64)]
+    for _ in range(3):
+        for shape in shapes:
+            assert variants.heuristic_config(row, *shape) == configs.candidates(*shape)[0], shape
+    assert built == shapes  # each once, on its first call
+    other = variants.by_name("linear_fwd_tangent")  # another row: its own space, though the shape is the same
+    assert variants.heuristic_config(other, *shapes[0]) == other.config_space(*shapes[0])[0]
+    monkeypatch.setattr(variants, "HEURISTIC_MEMO_SHAPES", len(shapes) + 1)
+    variants.heuristic_config(row, 1, 2, 3, torch.float16)
+    assert len(variants._HEURISTIC) == 1  # at the bound: cleared, then this shape remembered
+
+
+def test_the_module_reads_its_activation_at_call_time():
+    """``fusedad.nn.Linear``'s fast path looks the activation up per call: one set after construction (as
+    ``convert()`` does) is the one applied, in every grad mode."""
+    layer = fusedad.nn.Linear(8, 6)
+    x = randn(5, 8, requires_grad=True)
+    layer.activation = "relu"
+    expected = F.relu(F.linear(x, layer.weight, layer.bias))
+    torch.testing.assert_close(layer(x), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected)
+    layer.activation = None
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))

@@ -38,12 +38,13 @@ from .layers import layer_bytes, layer_flops
 
 #: The LLM MLP GEMMs at M=8192 (compute-bound), the seed's Net3 first layer at M=256 (near the ridge:
 #: launch overhead shows) and decode M=1, 16 on an 8192×8192 weight (a read of the weight). CPU: tiny
-#: stand-ins for the same roles, 16-byte aligned rows so that the TMA variants apply.
+#: stand-ins for the same roles, 16-byte aligned rows so that the TMA variants apply (and decode K of two
+#: interpreter K blocks, so that the split-K row, which needs a plan of ≥ 2 splits, applies).
 CUDA_SHAPES = (Shape(8192, 4096, 4096, "llm-qkv"), Shape(8192, 4096, 14336, "llm-up"),
                Shape(8192, 14336, 4096, "llm-down"), Shape(256, 4096, 8192, "net3-l0"),
                Shape(1, 8192, 8192, "decode"), Shape(16, 8192, 8192, "decode"))
-CPU_SHAPES = (Shape(64, 64, 128, "llm tiny"), Shape(32, 32, 64, "net3-l0 tiny"), Shape(1, 64, 64, "decode tiny"),
-              Shape(16, 64, 64, "decode tiny"))
+CPU_SHAPES = (Shape(64, 64, 128, "llm tiny"), Shape(32, 32, 64, "net3-l0 tiny"), Shape(1, 128, 64, "decode tiny"),
+              Shape(16, 128, 64, "decode tiny"))
 ACTS = ("gelu_tanh", "none")
 
 LINEAR_NOTE = "bare F.linear (no activation), checked against F.linear in fp64"
