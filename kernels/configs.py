@@ -316,9 +316,18 @@ def tuning_report():
     return list(_TIMINGS.items())
 
 
+_KEY_FLAGS = {}  # a launch's flags in their call order -> the key's flags (sorted, ACCUMULATE_* off)
+
+
 def _launch_key(device_name, kernel_name, flags, M, N, K, dtype):
-    # ACCUMULATE_* never key a result: an accumulating launch takes the same launch's plain choice
-    key_flags = tuple(sorted((k, False if k.startswith("ACCUMULATE_") else v) for k, v in flags.items()))
+    items = tuple(flags.items())
+    key_flags = _KEY_FLAGS.get(items)
+    if key_flags is None:
+        # ACCUMULATE_* never key a result: an accumulating launch takes the same launch's plain choice.
+        # (Memoised: sorting the flags was a visible part of a tuned launch's host work; the distinct
+        # flag sets of a process are few — activations × bias × dtype flags × directions.)
+        key_flags = _KEY_FLAGS[items] = tuple(sorted((k, False if k.startswith("ACCUMULATE_") else v)
+                                                     for k, v in flags.items()))
     return (device_name, kernel_name, key_flags, m_bucket(M), N, K, dtype)
 
 

@@ -209,24 +209,29 @@ def _pick(direction, problem, device, traced, run, variant=None):
     offered (``variants.select``).
     """
     M, N, K, dtype = problem.M, problem.N, problem.K, problem.dtype
+    forced = variant is None and variants.forced(direction) is not None
+    if not INTERPRETER and not forced and variant is None:
+        # The per-call path once a key is tuned: the cached row, before any row is selected (no other
+        # row's predicate, no config space, no tuning space). It must be one this launch may run (a key
+        # does not hold the operands' layout, nor whether the launch accumulates); otherwise the full
+        # path below decides.
+        hit = configs.cached_choice(_device_name(device.index), direction, problem.flags, M, N, K, dtype)
+        cached = variants.by_name(hit[0]) if isinstance(hit, tuple) else None
+        if (cached is not None and cached.direction == direction and variants.offered(cached, not traced)
+                and cached.applies(problem)):
+            _check_not_jit_tracing(cached)
+            return cached, hit[1]
     chosen = variant or variants.select(direction, problem, descriptors=not traced)
     _check_not_jit_tracing(chosen)
     if INTERPRETER:
         return chosen, configs.interpreter_config(M, N, K)
-    forced = variant is None and variants.forced(direction) is not None
     # the fixed or forced variant's name keys the cache when only its tiles are tuned, else the direction
     key_name = chosen.name if variant is not None or forced else direction
     device_name = _device_name(device.index)
-    hit = configs.cached_choice(device_name, key_name, problem.flags, M, N, K, dtype)
-    if hit is not None:
-        # The per-call path once a key is tuned: no config spaces, no tuning space. The cached row must
-        # be one this launch may run (a key does not hold the operands' layout, nor whether the launch
-        # accumulates); otherwise the full path below decides.
-        cached = variants.by_name(hit[0]) if isinstance(hit, tuple) else None
-        if cached is not None and (cached is chosen or (variant is None and not forced and cached.direction == direction
-                                                        and variants.offered(cached, not traced)
-                                                        and cached.applies(problem))):
-            return cached, hit[1]
+    if key_name != direction:
+        hit = configs.cached_choice(device_name, key_name, problem.flags, M, N, K, dtype)
+        if isinstance(hit, tuple) and variants.by_name(hit[0]) is chosen:
+            return chosen, hit[1]
     if not configs.autotune_enabled():  # FUSEDAD_AUTOTUNE=0: the heuristic pair, the tuning space's first
         return chosen, variants.heuristic_config(chosen, M, N, K, dtype)
     if variant is not None:  # the caller fixed the variant: tune its tiles only

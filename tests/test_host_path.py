@@ -5,8 +5,8 @@
 * the eager backend's first-order dZ (PyTorch's fused activation backward) equals the activation
   table's differentiable chain, NaN and inf included;
 * the int64 decision's shortcut for contiguous tensors still sees every offset ≥ 2³¹;
-* the launcher reads a tuned key's choice without building the tuning space again, and builds the
-  heuristic tile once per shape;
+* the launcher reads a tuned key's choice without building the tuning space again (and never for a
+  forced row), and builds the heuristic tile once per shape;
 * the module's own fast path applies the activation it has at call time.
 """
 import dataclasses
@@ -155,3 +155,30 @@ def test_the_module_reads_its_activation_at_call_time():
         torch.testing.assert_close(layer(x), expected)
     layer.activation = None
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_a_forced_row_runs_though_its_key_is_tuned(monkeypatch, tmp_path):
+    """The cache-first path serves unforced launches only: under ``variants.use`` the forced row runs even
+    where the direction's key already holds another row."""
+    if not runs_kernels("cpu"):
+        pytest.skip("the launcher runs only with the kernels (TRITON_INTERPRET=1 or a GPU); here fusedad is eager")
+    monkeypatch.setenv("FUSEDAD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FUSEDAD_AUTOTUNE", "1")
+    monkeypatch.setattr(launcher, "INTERPRETER", False)
+    monkeypatch.setattr(launcher, "_device_name", lambda index: "FakeGPU")
+    monkeypatch.setattr(launcher, "_do_bench", lambda fn: 1.0)  # every pair ties: the heuristic's is kept
+    real_pick = launcher._pick
+    monkeypatch.setattr(launcher, "_pick", lambda d, p, dev, tr, run, v=None: real_pick(d, p, dev, tr,
+                                                                                     lambda *a: None, v))
+    configs.clear_cache()
+    try:
+        x, w = randn(40, 32), randn(24, 32)
+        with record_launches() as log:
+            launcher.linear_forward(x, w, None, "relu")  # tunes the "fwd" key: the pointer kernel kept
+        assert [launch.kernel for launch in log] == ["linear_fwd"]
+        with variants.use("linear_fwd_torch"), record_launches() as log:
+            y, _, _, _ = launcher.linear_forward(x, w, None, "relu")
+        assert [launch.kernel for launch in log] == ["linear_fwd_torch"]
+        torch.testing.assert_close(y, F.relu(F.linear(x, w)))
+    finally:
+        configs.clear_cache()
