@@ -173,6 +173,11 @@ def test_no_preactivation_written_without_grad(device):
     with record_launches() as log:
         fusedad.linear(x, w, None, "relu")  # relu's derivative is read from y: no z
     assert log[0].flags["STORE_Z"] is False
+    # the same under torch.func (the setup_context Function): z only where the derivative reads it
+    for act, stored in (("relu", False), ("silu", True)):
+        with record_launches() as log:
+            torch.func.vjp(lambda a: fusedad.linear(a, w.detach(), None, act), x.detach())
+        assert log[0].flags["STORE_Z"] is stored, act
 
 
 @pytest.mark.parametrize("which", ["input", "weight"])
