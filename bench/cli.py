@@ -188,11 +188,13 @@ def run(plan, argv=(), out_dir=None, progress=True, plots=True, log=print):
 
 
 def fusedad_failures(rows):
-    """fusedad rows (``plan.is_fusedad``) that are FAIL or ERROR, or whose CUDA-graph replay is."""
+    """fusedad rows (``plan.is_fusedad``) that are FAIL or ERROR, or whose CUDA-graph replay is (a row
+    "skipped (…)" — a suite whose optional dependency is missing — is neither)."""
     from .plan import is_fusedad
+    from .protocol import not_ok
     from .runner import graph_failed
 
-    return [r for r in rows if is_fusedad(r["impl"]) and (r["status"] != "ok" or graph_failed(r))]
+    return [r for r in rows if is_fusedad(r["impl"]) and (not_ok(r["status"]) or graph_failed(r))]
 
 
 def main(argv=None):

@@ -194,6 +194,11 @@ def markdown(table):
     return "\n".join(out)
 
 
+def not_ok(status):
+    """A row's status that counts against the implementation: FAIL or ERROR (not ok, not "skipped (…)")."""
+    return status != "ok" and not status.startswith("skipped")
+
+
 def results_detail(results, name):
     """'N rows: a ok, b FAIL; graphs: c ok, d skipped (no GPU); fusedad not ok: k' of a results file."""
     if results is None:
@@ -209,7 +214,7 @@ def results_detail(results, name):
             g = r["graph_status"].split(":")[0]
             graphs[g] = graphs.get(g, 0) + 1
     bad = sum(1 for r in rows if r["impl"].startswith("fusedad") and (
-        r["status"] != "ok" or str(r.get("graph_status", "")).startswith(("FAIL", "ERROR"))))
+        not_ok(r["status"]) or str(r.get("graph_status", "")).startswith(("FAIL", "ERROR"))))
     text = f"{len(rows)} rows: " + ", ".join(f"{n} {s}" for s, n in sorted(count.items()))
     if graphs:
         text += "; graphs: " + ", ".join(f"{n} {s}" for s, n in sorted(graphs.items()))

@@ -738,6 +738,30 @@ def test_model_suite_runs_on_cpu_and_reports_every_field():
     assert set(SUITES["model"].fields) >= {"fused_flop_frac", "saved_mb", "largest_mb", "loss_rel_err"}
 
 
+def test_model_suite_without_transformers_says_skipped_and_fails_nothing(monkeypatch):
+    """Installed with the bench extra only (no transformers), the model suite's rows say what is missing
+    and how to get it; the run's exit status and the protocol's count do not take them as failures."""
+    import importlib.util
+
+    from bench import cli, protocol
+    from bench.suites import model
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real_find_spec(name, *a))
+    p = plan.make_plan("cpu", True, ["model"])
+    (case,) = model.cases(p.settings["model"], p)
+    rows = model.run(case, p, None)
+    assert [r["impl"] for r in rows] == ["eager", "fusedad"]
+    assert all(r["status"] == 'skipped (needs transformers: pip install -e ".[test]")' for r in rows)
+    assert cli.fusedad_failures(rows) == []
+    assert protocol.results_detail({"rows": rows}, "model").endswith("fusedad not ok: 0")
+    # (a FAIL or ERROR still counts)
+    failed = [dict(rows[1], status="ERROR: RuntimeError: boom")]
+    assert cli.fusedad_failures(failed) == failed
+    assert protocol.results_detail({"rows": failed}, "model").endswith("fusedad not ok: 1")
+
+
 def test_model_suite_cuda_preset_is_a_llama_8b_layer_shape():
     from bench.suites import model
 

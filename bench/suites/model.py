@@ -27,6 +27,7 @@ own copies can be the largest tensor).
 import copy
 import dataclasses
 import functools
+import importlib.util
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -191,8 +192,15 @@ def cases(settings, plan):
             yield Case(meta, dtype, functools.partial(model_builders, shape, dtype, plan))
 
 
+#: The rows' status where transformers is not installed (it comes with the test extra, not the bench one).
+NO_TRANSFORMERS = 'skipped (needs transformers: pip install -e ".[test]")'
+
+
 def run(case, plan, peaks):
     """Check (loss and every gradient vs eager), time interleaved, then measure one step of each."""
+    if importlib.util.find_spec("transformers") is None:
+        return [dict(case.meta, impl=impl, status=NO_TRANSFORMERS) for impl in ("eager", "fusedad")
+                if impl == "eager" or impl in plan.impls]
     state = {}
     case = dataclasses.replace(case, make_builders=functools.partial(case.make_builders, state=state))
 
