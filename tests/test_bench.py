@@ -753,7 +753,7 @@ def test_model_suite_without_transformers_says_skipped_and_fails_nothing(monkeyp
     (case,) = model.cases(p.settings["model"], p)
     rows = model.run(case, p, None)
     assert [r["impl"] for r in rows] == ["eager", "fusedad"]
-    assert all(r["status"] == 'skipped (needs transformers: pip install -e ".[test]")' for r in rows)
+    assert all(r["status"] == 'skipped (needs transformers: the test extra)' for r in rows)
     assert cli.fusedad_failures(rows) == []
     assert protocol.results_detail({"rows": rows}, "model").endswith("fusedad not ok: 0")
     # (a FAIL or ERROR still counts)

@@ -193,7 +193,7 @@ def cases(settings, plan):
 
 
 #: The rows' status where transformers is not installed (it comes with the test extra, not the bench one).
-NO_TRANSFORMERS = 'skipped (needs transformers: pip install -e ".[test]")'
+NO_TRANSFORMERS = 'skipped (needs transformers: the test extra)'
 
 
 def run(case, plan, peaks):
