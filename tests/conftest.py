@@ -56,6 +56,44 @@ def runs_kernels(device):
     return fusedad.backend(torch.device(device)) != "eager"
 
 
+@pytest.fixture
+def tuner(monkeypatch, tmp_path):
+    """The launcher as on CUDA (autotuning on), on CPU tensors: a fake device name, and a fake timer whose
+    times come from ``speeds`` (variant name -> ms; a callable of (name, flags) may be set instead). The
+    timed runs are skipped (nothing runs on a fake GPU); the launch that follows runs for real (the torch
+    rows on CPU, the pointer kernels through the interpreter)."""
+    if not runs_kernels("cpu"):
+        pytest.skip("the launcher runs only with the kernels (TRITON_INTERPRET=1 or a GPU); here fusedad is eager")
+    from fusedad.kernels import configs
+    from fusedad.kernels import linear as launcher
+
+    monkeypatch.setenv("FUSEDAD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FUSEDAD_AUTOTUNE", "1")
+    monkeypatch.setattr(launcher, "INTERPRETER", False)
+    monkeypatch.setattr(launcher, "_device_name", lambda index: "FakeGPU")
+    configs.clear_cache()
+    state = type("Tuner", (), {})()
+    state.timed = []  # (variant name, flags) per timed run
+    state.speed = lambda name, flags: 1.0
+    current = {}
+
+    real_pick = launcher._pick
+
+    def pick(direction, problem, device, traced, run, variant=None):
+        current["flags"] = problem.flags
+        return real_pick(direction, problem, device, traced, lambda v, c: None, variant)
+
+    def bench(fn):
+        name, _cfg = fn()
+        state.timed.append((name, dict(current["flags"])))
+        return state.speed(name, current["flags"])
+
+    monkeypatch.setattr(launcher, "_pick", pick)
+    monkeypatch.setattr(launcher, "_do_bench", bench)
+    yield state
+    configs.clear_cache()
+
+
 def randn(*shape, dtype=torch.float32, device="cpu", requires_grad=False, scale=1.0):
     """Fresh random data (never zeros), rounded to ``dtype``."""
     t = (torch.randn(shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedad
-from conftest import ACTS, randn, runs_kernels
+from conftest import ACTS, randn
 from fusedad import _validate
 from fusedad.activations import lookup
 from fusedad.kernels import configs, record_launches, variants
@@ -91,32 +91,18 @@ def test_int64_shortcut_still_sees_large_offsets():
     assert not launcher.needs_int64(torch.empty(2**31 - 2, device="meta"))
 
 
-def test_a_tuned_key_is_read_without_building_the_tuning_space(monkeypatch, tmp_path):
+def test_a_tuned_key_is_read_without_building_the_tuning_space(tuner, monkeypatch):
     """After the first call of a key, the launcher asks the cache first: no config space, no tuning space."""
-    if not runs_kernels("cpu"):
-        pytest.skip("the launcher runs only with the kernels (TRITON_INTERPRET=1 or a GPU); here fusedad is eager")
-    monkeypatch.setenv("FUSEDAD_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("FUSEDAD_AUTOTUNE", "1")
-    monkeypatch.setattr(launcher, "INTERPRETER", False)
-    monkeypatch.setattr(launcher, "_device_name", lambda index: "FakeGPU")
-    monkeypatch.setattr(launcher, "_do_bench", lambda fn: 1.0)  # (times nothing real: the first pair is kept)
-    real_pick = launcher._pick
-    monkeypatch.setattr(launcher, "_pick", lambda d, p, dev, tr, run, v=None: real_pick(d, p, dev, tr,
-                                                                                     lambda *a: None, v))
     built = []
     real_space = variants.tuning_space
     monkeypatch.setattr(variants, "tuning_space", lambda *a, **k: built.append(a[0]) or real_space(*a, **k))
-    configs.clear_cache()
-    try:
-        layer = fusedad.nn.Linear(32, 24, activation="relu")
-        x = randn(40, 32, requires_grad=True)
-        for _ in range(3):
-            with record_launches() as log:
-                layer(x).sum().backward()
-            assert [launch.kernel for launch in log] == ["linear_fwd", "linear_dz", "linear_bwd"]
-        assert built == ["fwd", "bwd"]  # once per key, on its first call
-    finally:
-        configs.clear_cache()
+    layer = fusedad.nn.Linear(32, 24, activation="relu")
+    x = randn(40, 32, requires_grad=True)
+    for _ in range(3):
+        with record_launches() as log:
+            layer(x).sum().backward()
+        assert [launch.kernel for launch in log] == ["linear_fwd", "linear_dz", "linear_bwd"]
+    assert built == ["fwd", "bwd"]  # once per key, on its first call
 
 
 def test_the_heuristic_tile_is_built_once_per_shape(monkeypatch):
@@ -157,28 +143,14 @@ def test_the_module_reads_its_activation_at_call_time():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-def test_a_forced_row_runs_though_its_key_is_tuned(monkeypatch, tmp_path):
+def test_a_forced_row_runs_though_its_key_is_tuned(tuner):
     """The cache-first path serves unforced launches only: under ``variants.use`` the forced row runs even
     where the direction's key already holds another row."""
-    if not runs_kernels("cpu"):
-        pytest.skip("the launcher runs only with the kernels (TRITON_INTERPRET=1 or a GPU); here fusedad is eager")
-    monkeypatch.setenv("FUSEDAD_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("FUSEDAD_AUTOTUNE", "1")
-    monkeypatch.setattr(launcher, "INTERPRETER", False)
-    monkeypatch.setattr(launcher, "_device_name", lambda index: "FakeGPU")
-    monkeypatch.setattr(launcher, "_do_bench", lambda fn: 1.0)  # every pair ties: the heuristic's is kept
-    real_pick = launcher._pick
-    monkeypatch.setattr(launcher, "_pick", lambda d, p, dev, tr, run, v=None: real_pick(d, p, dev, tr,
-                                                                                     lambda *a: None, v))
-    configs.clear_cache()
-    try:
-        x, w = randn(40, 32), randn(24, 32)
-        with record_launches() as log:
-            launcher.linear_forward(x, w, None, "relu")  # tunes the "fwd" key: the pointer kernel kept
-        assert [launch.kernel for launch in log] == ["linear_fwd"]
-        with variants.use("linear_fwd_torch"), record_launches() as log:
-            y, _, _, _ = launcher.linear_forward(x, w, None, "relu")
-        assert [launch.kernel for launch in log] == ["linear_fwd_torch"]
-        torch.testing.assert_close(y, F.relu(F.linear(x, w)))
-    finally:
-        configs.clear_cache()
+    x, w = randn(40, 32), randn(24, 32)
+    with record_launches() as log:
+        launcher.linear_forward(x, w, None, "relu")  # tunes the "fwd" key: every pair ties, the pointer kernel kept
+    assert [launch.kernel for launch in log] == ["linear_fwd"]
+    with variants.use("linear_fwd_torch"), record_launches() as log:
+        y, _, _, _ = launcher.linear_forward(x, w, None, "relu")
+    assert [launch.kernel for launch in log] == ["linear_fwd_torch"]
+    torch.testing.assert_close(y, F.relu(F.linear(x, w)))

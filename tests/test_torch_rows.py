@@ -114,40 +114,6 @@ def test_rows_follow_autograd_and_float32():
 
 # ---- the choice: the launcher's tuner with a fake timer -------------------------------------------------
 
-@pytest.fixture
-def tuner(monkeypatch, tmp_path):
-    """The launcher as on CUDA (autotuning on), on CPU tensors: a fake device name, and a fake timer whose
-    times come from ``speeds`` (variant name -> ms; a callable of (name, flags) may be set instead). The
-    timed runs are skipped (nothing runs on a fake GPU); the launch that follows runs for real (the torch
-    rows on CPU, the pointer kernels through the interpreter)."""
-    _needs_kernels()
-    monkeypatch.setenv("FUSEDAD_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("FUSEDAD_AUTOTUNE", "1")
-    monkeypatch.setattr(launcher, "INTERPRETER", False)
-    monkeypatch.setattr(launcher, "_device_name", lambda index: "FakeGPU")
-    configs.clear_cache()
-    state = type("Tuner", (), {})()
-    state.timed = []  # (variant name, flags) per timed run
-    state.speed = lambda name, flags: 1.0
-    current = {}
-
-    real_pick = launcher._pick
-
-    def pick(direction, problem, device, traced, run, variant=None):
-        current["flags"] = problem.flags
-        return real_pick(direction, problem, device, traced, lambda v, c: None, variant)
-
-    def bench(fn):
-        name, _cfg = fn()
-        state.timed.append((name, dict(current["flags"])))
-        return state.speed(name, current["flags"])
-
-    monkeypatch.setattr(launcher, "_pick", pick)
-    monkeypatch.setattr(launcher, "_do_bench", bench)
-    yield state
-    configs.clear_cache()
-
-
 def _torch_fast_without_activation(name, flags):
     """torch wins a plain GEMM (no activation), loses where the epilogue fuses one."""
     if name.endswith("_torch"):
