@@ -138,6 +138,7 @@ def stubbed_launcher(cache_dir):
                  env=os.environ.get("FUSEDAD_CACHE_DIR"))
     os.environ["FUSEDAD_CACHE_DIR"] = cache_dir
     configs.clear_cache()
+    launcher.clear_plans()  # (plans hold rows of the table swapped below)
     launcher.INTERPRETER = False
     launcher._device_name = lambda index: "stub"
     launcher._do_bench = lambda fn: 1.0  # every pair ties: the heuristic's (first) pair is kept
@@ -151,6 +152,7 @@ def stubbed_launcher(cache_dir):
         launcher.INTERPRETER, launcher._device_name, launcher._do_bench = saved["interp"], saved["name"], saved["bench"]
         variants.VARIANTS, variants.num_sms, backend._CPU = saved["rows"], saved["sms"], saved["cpu"]
         configs.clear_cache()
+        launcher.clear_plans()
         if saved["env"] is None:
             os.environ.pop("FUSEDAD_CACHE_DIR", None)
         else:

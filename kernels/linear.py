@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import os
 import threading
+from typing import NamedTuple
 
 import torch
 import triton
@@ -32,6 +33,7 @@ INTERPRETER = isinstance(_linear_fwd_kernel, InterpretedFunction)
 POISON_OUTPUTS = os.environ.get("FUSEDAD_POISON_OUTPUTS", "0") == "1"
 
 _INT32_LIMIT = 2**31
+_NO_TANGENTS = (None,) * 5  # a forward's tangent slots in Problem.tensors, none given
 
 
 @dataclasses.dataclass
@@ -76,10 +78,11 @@ def record_launches():
 
 
 def _alloc(shape, like, dtype=None):
-    dtype = like.dtype if dtype is None else dtype
+    """An uninitialised output on ``like``'s device, in ``like``'s dtype unless ``dtype`` is given."""
     if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+        return torch.full(shape, float("nan"), dtype=like.dtype if dtype is None else dtype, device=like.device)
+    # (new_empty: 2.2 µs against torch.empty's 3.1 µs with dtype and device given, timeit on the CPU machine)
+    return like.new_empty(shape) if dtype is None else like.new_empty(shape, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -258,13 +261,14 @@ def _pick(direction, problem, device, traced, run, variant=None):
 
 
 def _launch(direction, args, flags, M, N, K, dtype, device, tensors, wrap=None, variant=None, config=None,
-            record=True):
+            record=True, signature=None):
     """Pick the variant and config (unless ``config`` is given with ``variant``), record the launch(es)
     and run them.
 
     wrap: None for a plain launch, or ``torch.library.wrap_triton`` when called from a ``triton_op``
     body that torch.compile traces — then nothing may be timed, so the pair comes from the autotune
     cache if this shape was tuned eagerly (in this process or on disk), else from the heuristic.
+    signature: the launch's plan key (``_forward_signature``), or None: the choice is kept under it.
     """
     problem = variants.Problem(M, N, K, dtype, tensors, flags)
     if config is not None:
@@ -274,6 +278,8 @@ def _launch(direction, args, flags, M, N, K, dtype, device, tensors, wrap=None, 
         chosen, cfg = _pick(direction, problem, device, wrap is not None,
                             lambda v, c: _run(v, c, problem, args, flags, None, device, record=False), variant)
     _run(chosen, cfg, problem, args, flags, wrap, device, record)
+    if signature is not None:
+        _remember(signature, chosen, cfg, problem, flags)
 
 
 def _record(name, grid, flags, args):
@@ -292,25 +298,31 @@ def _run(variant, cfg, problem, args, flags, wrap, device, record):
         return
 
     def launch_one(v, grid, a):
-        if record and _RECORDERS:
-            _record(v.name, grid, dict(flags, **v.flags, **_kwargs(cfg)), a)
-        if grid[0] == 0:
-            return
-        launcher = v.kernel if wrap is None else wrap(v.kernel)
-        if INTERPRETER:
-            with _INTERPRETER_LOCK:
-                launcher[grid](*a, **flags, **v.flags, **_kwargs(cfg))
-        else:
-            if v.descriptors:
-                _ensure_allocator()
-            # The tensors' own device, not the current one: a backward may run on another thread/device.
-            with _on_device(device):
-                launcher[grid](*a, **flags, **v.flags, **_kwargs(cfg))
+        _launch_kernel(v, grid, a, dict(flags, **v.flags, **_kwargs(cfg)), wrap, device, record)
 
     if variant.launch is not None:
         variant.launch(problem, cfg, args, launch_one)
     else:
         launch_one(variant, variant.grid(problem, cfg), args)
+
+
+def _launch_kernel(v, grid, args, kwargs, wrap, device, record):
+    """One launch of row ``v``'s kernel (recorded first when ``record`` and a recorder is open); kwargs:
+    the launch's constexpr flags, the row's own and the tile's, merged."""
+    if record and _RECORDERS:
+        _record(v.name, grid, kwargs, args)
+    if grid[0] == 0:
+        return
+    launcher = v.kernel if wrap is None else wrap(v.kernel)
+    if INTERPRETER:
+        with _INTERPRETER_LOCK:
+            launcher[grid](*args, **kwargs)
+    else:
+        if v.descriptors:
+            _ensure_allocator()
+        # The tensors' own device, not the current one: a backward may run on another thread/device.
+        with _on_device(device):
+            launcher[grid](*args, **kwargs)
 
 
 _KWARGS = {}  # TileConfig -> its launch keyword arguments (dataclasses.asdict is slow on a hot path)
@@ -321,6 +333,73 @@ def _kwargs(cfg):
     if kw is None:
         kw = _KWARGS[cfg] = cfg.launch_kwargs()
     return kw
+
+
+# Plans: the per-call path of a repeated forward.
+#
+# A process repeats its launches — the same layer on the same batch shape, step after step — and what
+# ``_pick`` decides for a forward launch (the row, its tile, the grid, the kernel's keyword arguments)
+# depends only on the launch's *signature* (``_forward_signature``) and on the tuned results of the
+# process. So it is decided once per signature and kept as a plan; a later launch of that signature goes
+# from its arguments to the kernel. Measured with the launcher stubbed (``python -m bench.overhead
+# --device cpu --launcher``, docs/torch-rows-and-host-path.md): the plan path takes about 40 % less host
+# time per forward launch than choosing again. A plan is used only while it is what ``_pick`` would choose:
+# made at the autotune cache's current ``configs.generation()`` (a key tuned, loaded or cleared since
+# makes every plan stale), no forward row forced (``variants.use``), no ``force_int64``, not inside a
+# compile trace (``wrap``), no forward-mode tangents. Fixed for the process, as the launcher assumes
+# anyway: the variant table and its predicates (which read nothing but what the signature holds), each
+# device's name and SM count. (Tests that patch those start from ``clear_plans``.)
+
+#: signature -> _Plan; cleared when it reaches PLAN_MEMO_SIZE signatures (a process that sees ever new
+#: batch shapes must not grow it without bound).
+_PLANS = {}
+PLAN_MEMO_SIZE = 4096
+
+
+class _Plan(NamedTuple):
+    generation: int  #: ``configs.generation()`` when it was made
+    variant: object  #: the row ``_pick`` chose
+    cfg: object  #: its tile
+    grid: tuple
+    kwargs: dict  #: the launch's flags, the row's and the tile's, merged: what the kernel is called with
+    flags: dict  #: the launch's flags (a torch row and a row of several launches are run by ``_run``)
+    one_kernel: bool  #: a single Triton launch (else ``_run`` runs it: torch ops, or split-K's two launches)
+
+
+def clear_plans():
+    """Forget every plan (the next launch of each signature chooses again)."""
+    _PLANS.clear()
+
+
+def _forward_signature(x, weight, bias, act, strides):
+    """What a forward launch without tangents is planned by, as a dict key: x's shape (M, K), N, dtype,
+    device, activation, whether a bias is given, every operand's and output's strides (``strides``, as the
+    kernel receives them: z's are (0, 0) when z is not stored), the 16-byte alignment of x, weight and
+    bias (fresh outputs are always aligned), the fp32 matmul precision setting, the interpreter mode and
+    FUSEDAD_AUTOTUNE. The INT64 flag follows from the shapes and strides. None where no plan may be used."""
+    if _FORCED_INT64 or variants.forced("fwd") is not None:
+        return None
+    return (x.shape, weight.shape[0], x.dtype, x.get_device(), act.kernel_id, bias is None, strides,
+            x.data_ptr() % 16, weight.data_ptr() % 16, None if bias is None else bias.data_ptr() % 16,
+            dot_precision(x.dtype), INTERPRETER, configs.autotune_setting())
+
+
+def _remember(signature, variant, cfg, problem, flags):
+    if len(_PLANS) >= PLAN_MEMO_SIZE:
+        _PLANS.clear()
+    _PLANS[signature] = _Plan(configs.generation(), variant, cfg, variant.grid(problem, cfg),
+                              dict(flags, **variant.flags, **_kwargs(cfg)), flags,
+                              variant.launch is None and not variant.is_torch)
+
+
+def _run_plan(plan, args, device, problem):
+    """Launch what ``plan`` holds with this call's kernel arguments; problem: this call's Problem where
+    ``_run`` runs the plan (not a single kernel), else None."""
+    _check_not_jit_tracing(plan.variant)
+    if plan.one_kernel:
+        _launch_kernel(plan.variant, plan.grid, args, plan.kwargs, None, device, True)
+    else:
+        _run(plan.variant, plan.cfg, problem, args, plan.flags, None, device, True)
 
 
 def linear_forward(x, weight, bias=None, activation=None, store_preact=False,
@@ -347,12 +426,19 @@ def linear_forward(x, weight, bias=None, activation=None, store_preact=False,
     zt = _alloc((M, N), x) if tangent and store_preact_tangent else None
     if M == 0 or N == 0:
         return y, z, yt, zt
-    tensors = (x, weight, bias, y, z, x_tangent, weight_tangent, bias_tangent, yt, zt)
-    flags = dict(ACT=act.kernel_id, HAS_BIAS=bias is not None, STORE_Z=z is not None,
-                 **_common_flags(x.dtype, *tensors))
     # Unused pointer slots get a real tensor (never dereferenced: their constexpr flag is off).
     args = (x, weight, _or(bias, y), y, _or(z, y))
     strides = (*x.stride(), *weight.stride(), *_strides(bias, 1)[:1], *y.stride(), *_strides(z, 2))
+    signature = None if tangent or wrap is not None else _forward_signature(x, weight, bias, act, strides)
+    plan = _PLANS.get(signature)
+    if plan is not None and plan.generation == configs.generation():
+        problem = None if plan.one_kernel else variants.Problem(M, N, K, x.dtype, (x, weight, bias, y, z) + _NO_TANGENTS,
+                                                                plan.flags)
+        _run_plan(plan, (*args, M, N, K, *strides), x.device, problem)
+        return y, z, yt, zt
+    tensors = (x, weight, bias, y, z, x_tangent, weight_tangent, bias_tangent, yt, zt)
+    flags = dict(ACT=act.kernel_id, HAS_BIAS=bias is not None, STORE_Z=z is not None,
+                 **_common_flags(x.dtype, *tensors))
     if tangent:
         flags.update(HAS_XT=x_tangent is not None, HAS_WT=weight_tangent is not None,
                      HAS_BT=bias_tangent is not None, STORE_ZT=zt is not None, DACT_FROM_Y=act.saves == "y")
@@ -360,7 +446,7 @@ def linear_forward(x, weight, bias=None, activation=None, store_preact=False,
         strides += (*_strides(x_tangent, 2), *_strides(weight_tangent, 2), *_strides(bias_tangent, 1)[:1],
                     *yt.stride(), *_strides(zt, 2))
     _launch("fwd_tangent" if tangent else "fwd", (*args, M, N, K, *strides), flags, M, N, K, x.dtype, x.device,
-            tensors, wrap)
+            tensors, wrap, signature=signature)
     return y, z, yt, zt
 
 

@@ -175,7 +175,10 @@ class Variant:
     kernel: object  #: the ``@triton.jit`` kernel (None for a torch row)
     grid: Callable  #: grid(problem, cfg) -> (programs,)
     config_space: Callable  #: config_space(M, N, K, dtype) -> [TileConfig, ...], the heuristic's pick first
-    applies: Callable  #: applies(problem) -> bool
+    #: applies(problem) -> bool. It may read the problem's shapes, dtype and flags and its tensors' strides,
+    #: 16-byte alignment and device — nothing else: the launcher plans a repeated forward by exactly those
+    #: (``kernels/linear.py``, ``_forward_signature``).
+    applies: Callable
     #: strides the JIT specialises to the constant 1 for contiguous operands (what sm90_compile mirrors)
     unit_strides: frozenset = frozenset()
     #: chosen by ``select`` when it applies; False: only when asked for with ``use`` (kept to be measured

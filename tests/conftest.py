@@ -106,6 +106,17 @@ def _fresh_seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_launch_plans():
+    """Every test chooses its launches afresh: a forward's plan (``kernels/linear.py``) assumes the variant
+    table, the device and the interpreter mode fixed for the process, which tests patch."""
+    from fusedad.kernels import linear as launcher
+
+    launcher.clear_plans()
+    yield
+    launcher.clear_plans()
+
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
