@@ -62,6 +62,11 @@ def select(device, in_graph=False):
     return chosen
 
 
+def eager_backend():
+    """The eager Backend (torch ops)."""
+    return _BACKENDS[EAGER]
+
+
 #: The Backends of a CPU and a CUDA tensor outside a graph, decided once (at import the interpreter
 #: setting is known): ``for_tensor``'s per-call answer is two attribute reads.
 _CPU = _BACKENDS[_name("cpu", False)]

@@ -10,6 +10,7 @@
 * the module's own fast path applies the activation it has at call time.
 """
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 import fusedad
 from conftest import ACTS, randn
-from fusedad import _validate
+from fusedad import _validate, autograd
 from fusedad.activations import lookup
 from fusedad.kernels import configs, record_launches, variants
 from fusedad.kernels import linear as launcher
@@ -154,3 +155,69 @@ def test_a_forced_row_runs_though_its_key_is_tuned(tuner):
         y, _, _, _ = launcher.linear_forward(x, w, None, "relu")
     assert [launch.kernel for launch in log] == ["linear_fwd_torch"]
     torch.testing.assert_close(y, F.relu(F.linear(x, w)))
+
+
+@pytest.fixture
+def eager_cpu(monkeypatch):
+    """CPU tensors on the eager backend (as where TRITON_INTERPRET is unset), whatever this run's setting."""
+    backends = importlib.import_module("fusedad.backend")  # (fusedad.backend is also a function)
+    monkeypatch.setattr(backends, "_CPU", backends.eager_backend())
+
+
+def _saved(fn):
+    """(y, [every tensor saved for backward]) of one recorded call."""
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        y = fn()
+    return y, packed
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, True), (False, False, True)],
+                         ids=["all", "x-only", "weight-and-bias", "bias-only"])
+def test_the_eager_backend_records_torch_ops_saving_what_the_function_saves(eager_cpu, act, needs):
+    """On the eager backend a plain recorded call is torch's own graph (no Python Function): the same values
+    and gradients as nn.Linear + the activation, to second order, and the same tensors saved for backward as
+    fusedad's Function saves there — the same storages, the same bytes."""
+    rx, rw, rb = needs
+    x, w, b = randn(7, 12, requires_grad=rx), randn(5, 12, requires_grad=rw), randn(5, requires_grad=rb)
+    row = lookup(act)
+    y, ours = _saved(lambda: fusedad.linear(x, w, b, act))
+    assert "FusedLinear" not in type(y.grad_fn).__name__
+    _, functions = _saved(lambda: autograd.FusedLinearEagerFunction.apply(x, w, b, row, None, None)[0])
+
+    def storages(tensors):  # each distinct storage once: an input's by name, an output's by size
+        names = {t.untyped_storage().data_ptr(): name for name, t in (("x", x), ("w", w), ("b", b))}
+        return sorted({names.get(t.untyped_storage().data_ptr(), str(t.untyped_storage().nbytes()))
+                       for t in tensors})
+
+    assert storages(ours) == storages(functions)
+    inputs = [t for t in (x, w, b) if t.requires_grad]
+    ref = row.apply(F.linear(x, w, b))
+    torch.testing.assert_close(y, ref)
+    g = randn(7, 5)
+    first = torch.autograd.grad(y, inputs, g, create_graph=True)
+    ref_first = torch.autograd.grad(ref, inputs, g, create_graph=True)
+    for got, want in zip(first, ref_first):
+        torch.testing.assert_close(got, want)
+    if act not in (None, "relu") and any(t.requires_grad for t in first):
+        second = torch.autograd.grad(sum((t * t).sum() for t in first), inputs, allow_unused=True)
+        ref_second = torch.autograd.grad(sum((t * t).sum() for t in ref_first), inputs, allow_unused=True)
+        for got, want in zip(second, ref_second):
+            assert (got is None) == (want is None)
+            if got is not None:
+                torch.testing.assert_close(got, want)
+
+
+def test_main_grad_on_the_eager_backend_still_accumulates(eager_cpu):
+    """torch's own nodes cannot add dW into an fp32 main_grad: such a layer keeps fusedad's Function."""
+    layer = fusedad.nn.Linear(12, 5, activation="gelu", accumulate_main_grad=True)
+    ref = torch.nn.Linear(12, 5)
+    ref.load_state_dict(layer.state_dict())
+    x = randn(7, 12)
+    for _ in range(2):
+        layer(x).sum().backward()
+        F.gelu(ref(x)).sum().backward()
+    assert layer.weight.grad is None
+    torch.testing.assert_close(layer.weight.main_grad, ref.weight.grad)
+    torch.testing.assert_close(layer.bias.grad, ref.bias.grad)
