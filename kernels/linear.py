@@ -373,13 +373,15 @@ def clear_plans():
 
 def _forward_signature(x, weight, bias, act, strides):
     """What a forward launch without tangents is planned by, as a dict key: x's shape (M, K), N, dtype,
-    device, activation, whether a bias is given, every operand's and output's strides (``strides``, as the
-    kernel receives them: z's are (0, 0) when z is not stored), the 16-byte alignment of x, weight and
-    bias (fresh outputs are always aligned), the fp32 matmul precision setting, the interpreter mode and
-    FUSEDAD_AUTOTUNE. The INT64 flag follows from the shapes and strides. None where no plan may be used."""
+    device, activation, every operand's and output's strides (``strides``, as the kernel receives them:
+    z's are (0, 0) when z is not stored), the 16-byte alignment of x, weight and bias (None: no bias —
+    a bias expanded from one value has stride 0 too; fresh outputs are always aligned), the fp32 matmul
+    precision setting, the interpreter mode and FUSEDAD_AUTOTUNE. The INT64 flag follows from the shapes
+    and strides. None where no plan may be used. (Under ``torch.jit.trace`` sizes read as tensors, so a
+    traced call matches no plan; ``_run_plan`` refuses the tracer anyway.)"""
     if _FORCED_INT64 or variants.forced("fwd") is not None:
         return None
-    return (x.shape, weight.shape[0], x.dtype, x.get_device(), act.kernel_id, bias is None, strides,
+    return (x.shape, weight.shape[0], x.dtype, x.get_device(), act.kernel_id, strides,
             x.data_ptr() % 16, weight.data_ptr() % 16, None if bias is None else bias.data_ptr() % 16,
             dot_precision(x.dtype), INTERPRETER, configs.autotune_setting())
 
