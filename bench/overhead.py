@@ -6,6 +6,11 @@
                                         # CPU: the launcher's own cost — the CUDA path of kernels/linear.py
                                         # (variant and config lookup in a tuned cache, int64 decision,
                                         # flags, allocation, launch log) with every Triton launch a no-op
+    python -m bench.overhead --device cpu --launcher --shape 1 1 1
+                                        # the same on a 1×1 layer: nn.Linear+GELU does next to no arithmetic
+                                        # either, so the ratio is host time against host time (at the
+                                        # default shape nn.Linear's CPU arithmetic, which the stub skips,
+                                        # counts on its side)
 
 The two are interleaved (A B A B …) over many repetitions and the median per call is reported, for the
 forward under no_grad, the forward with autograd recording, and forward+backward. What it isolates on
@@ -171,6 +176,9 @@ def main(argv=None):
                         "(the launcher's own host cost) instead of the eager backend")
     p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                    help="wall time (default) or this thread's CPU time (CPU only; steadier on a shared machine)")
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 8), metavar=("IN", "OUT", "BATCH"),
+                   help="the layer's in_features, out_features and the batch (default 64 64 8). On CPU with "
+                        "--launcher, 1 1 1 leaves nn.Linear+GELU almost no arithmetic: host time against host time")
     args = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.clock == "thread" and device == "cuda":
@@ -181,15 +189,18 @@ def main(argv=None):
     backend = fusedad.backend(torch.empty(0, device=device))
     if args.launcher:
         backend = "launcher (CUDA path, Triton launches stubbed out)"
+    in_features, out_features, batch = args.shape
     head = (f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}), fusedad backend "
-            f"{backend}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; Linear(64, 64) + GELU, batch 8, "
-            f"median µs per call ({args.clock} clock) over {args.rounds} rounds of {args.calls} calls")
+            f"{backend}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; Linear({in_features}, "
+            f"{out_features}) + GELU, batch {batch}, median µs per call ({args.clock} clock) over {args.rounds} "
+            f"rounds of {args.calls} calls")
     print(head)
     print(f"{'phase':22s} {'nn.Linear':>10s} {'fusedad':>10s} {'added':>8s} {'ratio':>6s} {'Function floor':>15s}")
     with contextlib.ExitStack() as stack:
         if args.launcher:
             stack.enter_context(stubbed_launcher(stack.enter_context(tempfile.TemporaryDirectory())))
-        result = measure(device, rounds=args.rounds, calls=args.calls, clock=CLOCKS[args.clock])
+        result = measure(device, in_features, out_features, batch, rounds=args.rounds, calls=args.calls,
+                         clock=CLOCKS[args.clock])
     for name, (a, b, c) in result.items():
         print(f"{name:22s} {a:10.1f} {b:10.1f} {b - a:+8.1f} {b / a:6.2f} {c:15.1f}")
     if args.json:

@@ -473,6 +473,19 @@ def test_overhead_script_runs():
     assert all(a > 0 and b > 0 and floor > 0 for a, b, floor in result.values())  # + the Function floor
 
 
+def test_overhead_shape_option_sets_the_layer(tmp_path, monkeypatch):
+    """--shape IN OUT BATCH: the layer and batch measured (1 1 1: host time against host time)."""
+    from bench import overhead
+
+    seen = []
+    real = overhead.measure
+    monkeypatch.setattr(overhead, "measure", lambda *a, **k: seen.append(a) or real(*a, **k))
+    out = tmp_path / "o.json"
+    overhead.main(["--device", "cpu", "--shape", "3", "2", "5", "--rounds", "1", "--calls", "2", "--json", str(out)])
+    assert seen == [("cpu", 3, 2, 5)]
+    assert "Linear(3, 2) + GELU, batch 5" in json.loads(out.read_text())["what"]
+
+
 def test_overhead_launcher_mode_runs_the_launch_path_with_every_launch_stubbed(tmp_path):
     """--launcher: fusedad's CUDA launch path on CPU tensors (the launch log shows the rows it picked),
     no Triton kernel run, and everything it patched put back afterwards."""
