@@ -192,6 +192,8 @@ def generation():
 def _changed():
     global _GENERATION
     _GENERATION += 1
+
+
 #: key -> [(item, milliseconds or None if it failed)] for every key this process timed, in timing order
 #: (what ``tuning_report`` returns: which row won and by how much).
 _TIMINGS = {}
