@@ -160,13 +160,9 @@ def elementwise_candidates(M, N, K, dtype):
     return [TileConfig(BLOCK_M=32, BLOCK_N=128, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1)]
 
 
-def autotune_enabled():
-    return os.environ.get("FUSEDAD_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
-
-
 # ``os.environ.get`` encodes the name and decodes the value on every read: 1.1 µs per call measured on this
 # project's CPU machine (timeit), against 33 ns for a lookup in the mapping's own dict, which CPython keeps
-# in step with every ``os.environ`` write (POSIX: bytes keys). A planned launch reads the setting each call.
+# in step with every ``os.environ`` write (POSIX: bytes keys). Launches read the setting on every call.
 _ENVIRON_DATA = getattr(os.environ, "_data", None)
 _AUTOTUNE_NAME = os.environ.encodekey("FUSEDAD_AUTOTUNE") if hasattr(os.environ, "encodekey") else None
 
@@ -176,6 +172,19 @@ def autotune_setting():
     if _ENVIRON_DATA is not None and _AUTOTUNE_NAME is not None:
         return _ENVIRON_DATA.get(_AUTOTUNE_NAME)
     return os.environ.get("FUSEDAD_AUTOTUNE")
+
+
+_ENABLED_BY_SETTING = {}  # raw setting -> autotuning on? (a process sees a handful of values)
+
+
+def autotune_enabled():
+    """False where FUSEDAD_AUTOTUNE is 0 / false / off / no (any case, spaces around); on otherwise."""
+    setting = autotune_setting()
+    enabled = _ENABLED_BY_SETTING.get(setting)
+    if enabled is None:
+        text = "1" if setting is None else os.fsdecode(setting)
+        enabled = _ENABLED_BY_SETTING[setting] = text.strip().lower() not in ("0", "false", "off", "no")
+    return enabled
 
 
 _CACHE = {}

@@ -321,3 +321,18 @@ def test_tuning_space_is_bounded_applicable_and_heuristic_first(M, aligned):
 def test_disk_keys_are_readable():
     assert configs._key_str(("H100", "fwd", torch.bfloat16)) == "('H100', 'fwd', 'torch.bfloat16')"
     assert configs._key_str("a-key") == "('a-key',)"  # a plain string is one field, not its characters
+
+
+@pytest.mark.parametrize("setting, enabled", [(None, True), ("1", True), ("yes", True), ("", True), ("0", False),
+                                              (" Off ", False), ("FALSE", False), ("no", False)])
+def test_autotune_setting_is_read_on_every_call(monkeypatch, setting, enabled):
+    """FUSEDAD_AUTOTUNE=0/false/off/no (any case, spaces around) turns the tuner off; anything else or unset
+    leaves it on — read per call, so a change mid-process applies (the answer is memoised per raw value)."""
+    monkeypatch.setenv("FUSEDAD_AUTOTUNE", "1")
+    assert configs.autotune_enabled()
+    if setting is None:
+        monkeypatch.delenv("FUSEDAD_AUTOTUNE")
+    else:
+        monkeypatch.setenv("FUSEDAD_AUTOTUNE", setting)
+    assert configs.autotune_enabled() is enabled
+    assert configs.autotune_setting() == (None if setting is None else os.fsencode(setting))
