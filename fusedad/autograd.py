@@ -136,7 +136,8 @@ class FusedLinearEagerFunction(torch.autograd.Function):
     ``setup_context`` is defined. Measured with `python -m bench.overhead` (tiny layer, eager backend,
     this project's 2-core CPU machine): fusedad's added cost per recorded forward fell from +67.7 µs
     to +30.9 µs with this class. torch.func needs the setup_context style, so ``route`` sends wrapped
-    tensors and forward-mode AD to FusedLinearFunction and everything else here.
+    tensors and forward-mode AD to FusedLinearFunction and every other recorded call here — on the eager
+    backend only those with ``main_grad`` (the others are torch ops there, recorded by torch).
     """
 
     @staticmethod

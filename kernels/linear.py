@@ -81,7 +81,8 @@ def _alloc(shape, like, dtype=None):
     """An uninitialised output on ``like``'s device, in ``like``'s dtype unless ``dtype`` is given."""
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=like.dtype if dtype is None else dtype, device=like.device)
-    # (new_empty: 2.2 µs against torch.empty's 3.1 µs with dtype and device given, timeit on the CPU machine)
+    # (new_empty: 2.2 µs against torch.empty's 3.1 µs with dtype and device given: timeit, 2-core CPU VM,
+    # torch 2.13.0+cpu, 2026-12-07)
     return like.new_empty(shape) if dtype is None else like.new_empty(shape, dtype=dtype)
 
 
@@ -341,8 +342,9 @@ def _kwargs(cfg):
 # ``_pick`` decides for a forward launch (the row, its tile, the grid, the kernel's keyword arguments)
 # depends only on the launch's *signature* (``_forward_signature``) and on the tuned results of the
 # process. So it is decided once per signature and kept as a plan; a later launch of that signature goes
-# from its arguments to the kernel. Measured on the CPU machine with every Triton launch stubbed out
-# (this function alone in a timed loop, Linear(64, 64) at batch 8): 50.6 µs → 27.0 µs per forward launch,
+# from its arguments to the kernel. Measured on the 2-core CPU VM, 2026-12-07, torch 2.13.0+cpu, Triton
+# 3.9.0, every Triton launch stubbed out as ``bench.overhead.stubbed_launcher`` does (``linear_forward``
+# alone in a timed loop, Linear(64, 64) at batch 8): 50.6 µs → 27.0 µs per forward launch,
 # the two output allocations (about 10 µs) included; the recorded forward in ``python -m bench.overhead
 # --launcher`` went from 1.42–1.49× to 1.02–1.21× nn.Linear+GELU (docs/torch-rows-and-host-path.md).
 # A plan is used only while it is what ``_pick`` would choose:

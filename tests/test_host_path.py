@@ -7,7 +7,9 @@
 * the int64 decision's shortcut for contiguous tensors still sees every offset ≥ 2³¹;
 * the launcher reads a tuned key's choice without building the tuning space again (and never for a
   forced row), and builds the heuristic tile once per shape;
-* the module's own fast path applies the activation it has at call time.
+* the module's own fast path applies the activation it has at call time;
+* on the eager backend a call without ``main_grad`` is torch's own graph, saving exactly what the
+  Function saves, with the same gradients to second order; a ``main_grad`` layer still accumulates.
 """
 import dataclasses
 import importlib
