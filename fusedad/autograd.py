@@ -22,6 +22,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from . import activations, backend, derivatives, distributed, ops
+from ._validate import _SUPPORTED, check_linear_args
 
 _NO_ACTIVATION = activations.lookup(None)
 _PLAIN = backend.PLAIN_TYPES
@@ -188,6 +189,41 @@ def _unwrap_grad_level(t):
     if t is not None and torch._C._functorch.is_gradtrackingtensor(t):
         return torch._C._functorch.get_unwrapped(t)
     return t
+
+
+_is_compiling = torch.compiler.is_compiling
+_tracing_state = torch._C._get_tracing_state
+
+
+def eager_cpu_linear(x, weight, bias, act):
+    """``act(F.linear(x, weight, bias))`` for a call on CPU tensors where CPU runs the eager backend (no
+    ``TRITON_INTERPRET``), recorded by torch's own autograd; None for every other call, which the caller
+    sends down its checked path: another device, CPU running the kernels, a tensor subclass, a 1-D weight,
+    a 0-D or 2-D bias, a compile or ``torch.jit.trace``.
+
+    x: (*, K), weight: (N, K), bias: (N,) | (1,) | None -> (*, N).
+
+    No argument check of fusedad's own runs first: F.linear checks the shapes and dtypes itself and, on
+    CPU tensors, computes exactly what the checked path would (the same op, the same autocast cast as
+    nn.Linear). Where it refuses the arguments, ``check_linear_args`` runs and raises fusedad's error naming
+    the problem (torch's own error where that check finds none). What F.linear would accept and fusedad does
+    not is excluded before it runs: integer, bool and complex weights (an integer input against a floating
+    weight, or a bias of another dtype, F.linear refuses), a bias of more than one dimension (F.linear
+    broadcasts it), a meta tensor beside CPU ones (F.linear computes on the input's device). Measured: the
+    checked path's common_2d_call alone is a tenth of nn.Linear+GELU's instructions per no_grad call at
+    Linear(64, 64), batch 8 (docs/torch-rows-and-host-path.md).
+    """
+    if (backend._CPU is not _EAGER or type(x) not in _PLAIN or type(weight) not in _PLAIN or not x.is_cpu
+            or not weight.is_cpu or weight.dtype not in _SUPPORTED or weight.dim() != 2
+            or (bias is not None and (type(bias) not in _PLAIN or not bias.is_cpu or bias.dim() != 1))
+            or _is_compiling() or _tracing_state() is not None):
+        return None
+    try:
+        z = F.linear(x, weight, bias)
+    except (RuntimeError, TypeError):
+        check_linear_args(x, weight, bias)  # raises fusedad's own error where it names the problem
+        raise
+    return act.apply(z)
 
 
 def route(x, weight, bias, act, weight_main_grad=None):

@@ -6,7 +6,7 @@ import torch
 from . import activations
 from . import mlp as _mlp
 from ._validate import _check_main_grad, autocast_all, cast_and_check, check_block_args, common_2d_call
-from .autograd import route
+from .autograd import eager_cpu_linear, route
 
 
 def linear(input, weight, bias=None, activation=None, *, weight_main_grad=None):
@@ -32,8 +32,12 @@ def linear(input, weight, bias=None, activation=None, *, weight_main_grad=None):
     in the original dtypes.
     """
     act = activations.lookup(activation)  # raises on an unknown name
-    if weight_main_grad is None and common_2d_call(input, weight, bias):
-        return route(input, weight, bias, act)  # the per-call fast path: nothing to cast, fold or expand
+    if weight_main_grad is None:  # the per-call fast paths
+        y = eager_cpu_linear(input, weight, bias, act)  # CPU tensors on the eager backend: F.linear checks
+        if y is not None:
+            return y
+        if common_2d_call(input, weight, bias):
+            return route(input, weight, bias, act)  # nothing to cast, fold or expand
     input, weight, bias = cast_and_check(input, weight, bias, weight_main_grad)
 
     vector_weight = weight.dim() == 1

@@ -5,7 +5,7 @@ import torch
 
 from . import activations, ops
 from ._validate import common_2d_call
-from .autograd import route
+from .autograd import eager_cpu_linear, route
 from .functional import gated_mlp, linear, mlp
 
 
@@ -43,9 +43,14 @@ class Linear(torch.nn.Linear):
             # below is never compiled); see ops.scripted_linear.
             return ops.scripted_linear(input, self.weight, self.bias, self.activation, self.accumulate_main_grad)
         weight, bias = self.weight, self.bias
-        if not self.accumulate_main_grad and common_2d_call(input, weight, bias):
-            # The per-call fast path (what ``linear`` does for this call, without its own call).
-            return route(input, weight, bias, activations.lookup(self.activation))
+        if not self.accumulate_main_grad:
+            # The per-call fast paths (what ``linear`` does for this call, without its own call).
+            act = activations.lookup(self.activation)
+            y = eager_cpu_linear(input, weight, bias, act)
+            if y is not None:
+                return y
+            if common_2d_call(input, weight, bias):
+                return route(input, weight, bias, act)
         main_grad = None
         if self.accumulate_main_grad and self.weight.requires_grad:
             _refuse_main_grad_under_data_parallel(self)

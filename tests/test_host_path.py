@@ -9,7 +9,9 @@
   forced row), and builds the heuristic tile once per shape;
 * the module's own fast path applies the activation it has at call time;
 * on the eager backend a call without ``main_grad`` is torch's own graph, saving exactly what the
-  Function saves, with the same gradients to second order; a ``main_grad`` layer still accumulates.
+  Function saves, with the same gradients to second order; a ``main_grad`` layer still accumulates;
+* there a plain CPU call is F.linear + the activation with no check of fusedad's own first, and every
+  call fusedad refuses raises the full check's error (also those F.linear would compute).
 """
 import dataclasses
 import importlib
@@ -223,3 +225,134 @@ def test_main_grad_on_the_eager_backend_still_accumulates(eager_cpu):
     assert layer.weight.grad is None
     torch.testing.assert_close(layer.weight.main_grad, ref.weight.grad)
     torch.testing.assert_close(layer.bias.grad, ref.bias.grad)
+
+
+# ---- the eager backend's CPU call: F.linear checks, fusedad's check names what it refuses ----------------
+
+def _bad_calls():
+    """(id, (input, weight, bias)) calls fusedad refuses; some of them F.linear would compute."""
+    x, w, b = _args()
+    return [
+        ("in_features", (randn(5, 7), w, b)),
+        ("bias_length", (x, w, randn(7))),
+        ("bias_2d", (x, w, randn(5, 6))),  # F.linear broadcasts it
+        ("input_0d", (torch.tensor(1.0), w, None)),
+        ("weight_3d", (x, randn(2, 6, 8), None)),
+        ("vector_weight_with_bias", (x, w[0], randn(1))),  # F.linear adds it
+        ("input_dtype", (x.double(), w, b)),
+        ("weight_dtype", (x, w.half(), None)),
+        ("bias_dtype", (x, w, b.double())),
+        ("int_everywhere", (x.long(), w.long(), b.long())),  # F.linear computes it on CPU
+        ("int_bias", (x, w, b.long())),
+        ("bool", (x.bool(), w.bool(), None)),
+        ("complex", (x.to(torch.complex64), w.to(torch.complex64), None)),  # F.linear computes it
+        ("meta_input", (x.to("meta"), w, b)),
+        ("meta_input_no_bias", (x.to("meta"), w, None)),  # F.linear computes it on the input's device
+        ("meta_weight", (x, w.to("meta"), b)),  # F.linear computes it on CPU
+        ("meta_bias", (x, w, b.to("meta"))),
+        ("list_weight", (x, w.tolist(), None)),
+    ]
+
+
+def _error(fn):
+    with pytest.raises((RuntimeError, TypeError)) as info:
+        fn()
+    return info.type, str(info.value)
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())), ids=[name for name, _ in _bad_calls()])
+def test_the_eager_cpu_call_raises_the_checked_paths_error(eager_cpu, case):
+    """Where F.linear refuses, fusedad's check names the problem; where F.linear would compute (a 2-D bias,
+    integer or complex tensors, a meta tensor beside CPU ones) the call is refused as on every backend —
+    the same exception and message as the full check, through the function and through the module."""
+    args = _bad_calls()[case][1]
+    want = _error(lambda: _validate.check_linear_args(*args))
+    assert _error(lambda: fusedad.linear(*args, activation="gelu")) == want
+    x, w, b = args
+    if isinstance(w, torch.Tensor) and w.dim() == 2 and (b is None or b.dim() == 1):
+        layer = fusedad.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, activation="gelu")
+        with torch.no_grad():
+            layer.weight = torch.nn.Parameter(w, requires_grad=False)
+            layer.bias = None if b is None else torch.nn.Parameter(b, requires_grad=False)
+        assert _error(lambda: layer(x)) == want
+
+
+def _no_full_check(monkeypatch):
+    """Make the checked path fail loudly: a call that reaches it did not take the eager CPU call."""
+    def checked(*args):
+        raise AssertionError("took the checked path")
+
+    monkeypatch.setattr(fusedad.functional, "common_2d_call", checked)
+    monkeypatch.setattr(fusedad.functional, "cast_and_check", checked)
+    monkeypatch.setattr(fusedad.nn, "common_2d_call", checked)
+
+
+@pytest.mark.parametrize("x_shape, bias_shape", [((5, 8), (6,)), ((2, 3, 8), (6,)), ((8,), (6,)), ((5, 8), (1,)),
+                                                 ((5, 8), None)], ids=["2d", "3d", "1d", "bias1", "nobias"])
+def test_the_eager_cpu_call_is_nn_linear_and_the_activation(eager_cpu, monkeypatch, x_shape, bias_shape):
+    """On the eager backend a plain CPU call goes straight to F.linear + the activation — no argument check of
+    fusedad's own, no fold of leading dims: the same values as nn.Linear + the activation, torch's own graph."""
+    _no_full_check(monkeypatch)
+    x = randn(*x_shape, dtype=torch.float64, requires_grad=True)
+    w = randn(6, 8, dtype=torch.float64, requires_grad=True)
+    b = None if bias_shape is None else randn(*bias_shape, dtype=torch.float64, requires_grad=True)
+    y = fusedad.linear(x, w, b, "silu")
+    want = F.silu(F.linear(x, w, b))
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    assert "FusedLinear" not in type(y.grad_fn).__name__
+    inputs = [t for t in (x, w, b) if t is not None]
+    for got, ref in zip(torch.autograd.grad(y.sum(), inputs), torch.autograd.grad(want.sum(), inputs)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    layer = fusedad.nn.Linear(8, 6, bias=b is not None, activation="silu", dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if b is not None:
+            layer.bias.copy_(b.expand(6))
+    torch.testing.assert_close(layer(x), F.silu(F.linear(x, w, None if b is None else b.expand(6))), rtol=0, atol=0)
+
+
+def test_the_eager_cpu_call_under_autocast_casts_as_nn_linear(eager_cpu, monkeypatch):
+    _no_full_check(monkeypatch)
+    layer, ref = fusedad.nn.Linear(8, 6, activation="gelu"), torch.nn.Linear(8, 6)
+    ref.load_state_dict(layer.state_dict())
+    x = randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, want = layer(x), F.gelu(ref(x))
+    assert y.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+def test_calls_the_eager_cpu_call_leaves_to_the_checked_path(eager_cpu):
+    """A 0-D bias, a 1-D weight and meta tensors take the checked path (and agree with F.linear)."""
+    x, w, b = (t.requires_grad_() for t in _args(torch.float64))
+    assert autograd.eager_cpu_linear(x, w, b, lookup("gelu")) is not None
+    for args in [(x, w, b[0]), (x, w[0], None)]:
+        assert autograd.eager_cpu_linear(*args, lookup("gelu")) is None
+        y = fusedad.linear(*args, activation="gelu")
+        torch.testing.assert_close(y, F.gelu(F.linear(*args)))
+        assert "FusedLinear" not in type(y.grad_fn).__name__  # the checked path ends in torch's ops too
+    assert autograd.eager_cpu_linear(x.to("meta"), w.to("meta"), None, lookup(None)) is None
+
+
+def test_cpu_running_the_kernels_never_takes_the_eager_call():
+    x, w, b = _args()
+    assert (autograd.eager_cpu_linear(x, w, b, lookup(None)) is None) == (fusedad.backend(x) != "eager")
+
+
+def test_a_compiled_call_on_the_eager_backend_keeps_the_custom_op(eager_cpu):
+    """Under torch.compile the eager CPU call steps aside: Dynamo's graph holds fusedad's custom op, as on
+    every backend (Dynamo sees plain tensor types, so only the compile check keeps it out)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    layer = fusedad.nn.Linear(8, 6, activation="gelu")
+    x = randn(5, 8)
+    y = torch.compile(layer, backend=record, fullgraph=True)(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(y, F.gelu(F.linear(x, layer.weight, layer.bias)))
+    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+    assert "fusedad.linear_fwd" in targets and "linear" not in " ".join(targets).replace("fusedad.linear_fwd", ""), targets
