@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import os
 import threading
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -390,12 +390,22 @@ def _forward_signature(x, weight, bias, act, strides):
             dot_precision(x.dtype), INTERPRETER, configs.autotune_setting())
 
 
-def _remember(signature, variant, cfg, problem, flags):
+def _current_plan(signature):
+    """The plan kept for ``signature`` if it was made at the autotune cache's current generation."""
+    plan = _PLANS.get(signature)
+    return plan if plan is not None and plan.generation == configs.generation() else None
+
+
+def _keep(signature, plan):
     if len(_PLANS) >= PLAN_MEMO_SIZE:
         _PLANS.clear()
-    _PLANS[signature] = _Plan(configs.generation(), variant, cfg, variant.grid(problem, cfg),
-                              dict(flags, **variant.flags, **_kwargs(cfg)), flags,
-                              variant.launch is None and not variant.is_torch)
+    _PLANS[signature] = plan
+
+
+def _remember(signature, variant, cfg, problem, flags):
+    _keep(signature, _Plan(configs.generation(), variant, cfg, variant.grid(problem, cfg),
+                           dict(flags, **variant.flags, **_kwargs(cfg)), flags,
+                           variant.launch is None and not variant.is_torch))
 
 
 def _run_plan(plan, args, device, problem):
@@ -406,6 +416,78 @@ def _run_plan(plan, args, device, problem):
         _launch_kernel(plan.variant, plan.grid, args, plan.kwargs, None, device, True)
     else:
         _run(plan.variant, plan.cfg, problem, args, plan.flags, None, device, True)
+
+
+class _Step(NamedTuple):
+    """One kernel launch of a planned backward: its row, grid and merged keyword arguments, and ``tail``:
+    its positional arguments after the tensors (sizes and strides, fixed by the signature)."""
+    variant: object
+    grid: tuple
+    kwargs: dict
+    tail: tuple
+
+
+class _BackwardPlan(NamedTuple):
+    generation: int  #: ``configs.generation()`` when it was made
+    variant: object  #: the backward row ``_pick`` chose
+    cfg: object  #: its tile
+    flags: dict  #: the launch's flags (a torch row is run by ``_backward_with`` from them)
+    common: dict  #: FP64 / EMULATE_BF16 / PRECISION / INT64
+    dz: Optional[_Step]  #: the dZ pass (None: none runs)
+    db_rows: int  #: rows of db's partial sums written by the dZ pass (0: db is not summed there)
+    gemm: Optional[_Step]  #: the GEMM launch (None: none runs — the dZ pass did all that was asked)
+    gemm_reads_saved: bool  #: the GEMM's activation slot is ``saved`` (the prologue design), else its operand
+
+
+def _backward_signature(grad_y, x, weight, saved, dx, dw, act, need, accumulate):
+    """What a backward launch is planned by: every operand's and output's shape (through grad_y's and K),
+    strides and 16-byte alignment (None: the tensor is not passed), dtype, device, activation, which
+    gradients are asked for and which are added into the caller's buffers, the fp32 precision setting, the
+    interpreter mode and FUSEDAD_AUTOTUNE. None where no plan may be used (a forced backward or dZ row,
+    ``force_int64``)."""
+    if _FORCED_INT64 or variants.forced("bwd") is not None or variants.forced("dz") is not None:
+        return None
+    ref = x if x is not None else weight
+    return ("bwd", grad_y.shape, None if ref is None else ref.shape[1], grad_y.dtype, grad_y.get_device(),
+            act.kernel_id, need, accumulate, _layout(grad_y), _layout(x), _layout(weight), _layout(saved),
+            _layout(dx), _layout(dw), dot_precision(grad_y.dtype), INTERPRETER, configs.autotune_setting())
+
+
+def _layout(t):
+    return None if t is None else (t.stride(), t.data_ptr() % 16)
+
+
+def _remember_backward(signature, variant, cfg, problem, common, steps):
+    _keep(signature, _BackwardPlan(configs.generation(), variant, cfg, problem.flags, common, *steps))
+
+
+def _run_backward_plan(plan, grad_y, x, weight, saved, act, dx, dw, db, ref):
+    """The launches ``plan`` holds, on this call's tensors (outputs already allocated)."""
+    _check_not_jit_tracing(plan.variant)
+    device = grad_y.device
+    if plan.dz is None and plan.gemm is None:  # a torch row (or a row of several launches): run as chosen
+        M, N = grad_y.shape
+        problem = variants.Problem(M, N, 0 if ref is grad_y else ref.shape[1], ref.dtype,
+                                   (grad_y, x, weight, saved, dx, dw, db), plan.flags)
+        _backward_with(plan.variant, plan.cfg, problem, act, plan.common, None, True)
+        return
+    operand = grad_y
+    if plan.dz is not None:
+        dz = _alloc(grad_y.shape, grad_y) if act.saves is not None else grad_y
+        partial = (grad_y.new_empty((plan.db_rows, grad_y.shape[1]),
+                                    dtype=torch.float64 if plan.common["FP64"] else torch.float32)
+                   if plan.db_rows else dz)
+        step = plan.dz
+        _launch_kernel(step.variant, step.grid, (grad_y, saved if act.saves is not None else grad_y, dz, partial)
+                       + step.tail, step.kwargs, None, device, True)
+        if plan.db_rows:
+            db.copy_(partial.sum(0))
+        operand = dz
+    step = plan.gemm
+    if step is not None:
+        _launch_kernel(step.variant, step.grid,
+                       (operand, _or(x, ref), _or(weight, ref), saved if plan.gemm_reads_saved else operand,
+                        _or(dx, ref), _or(dw, ref), _or(db, ref)) + step.tail, step.kwargs, None, device, True)
 
 
 def linear_forward(x, weight, bias=None, activation=None, store_preact=False,
@@ -436,8 +518,8 @@ def linear_forward(x, weight, bias=None, activation=None, store_preact=False,
     args = (x, weight, _or(bias, y), y, _or(z, y))
     strides = (*x.stride(), *weight.stride(), *_strides(bias, 1)[:1], *y.stride(), *_strides(z, 2))
     signature = None if tangent or wrap is not None else _forward_signature(x, weight, bias, act, strides)
-    plan = _PLANS.get(signature)
-    if plan is not None and plan.generation == configs.generation():
+    plan = _current_plan(signature)
+    if plan is not None:
         problem = (None if plan.one_kernel else
                    variants.Problem(M, N, K, x.dtype, (x, weight, bias, y, z) + _NO_TANGENTS, plan.flags))
         _run_plan(plan, (*args, M, N, K, *strides), x.device, problem)
@@ -494,6 +576,12 @@ def linear_backward(grad_y, x, weight, saved, activation=None,
         dx.zero_()
     if need_weight and not compute_dw and not accumulate:
         dw.zero_()
+    signature = None if wrap is not None else _backward_signature(
+        grad_y, x, weight, saved, dx, dw, act, (need_x, need_weight, need_bias), (accumulate, accumulate_dx))
+    plan = _current_plan(signature)
+    if plan is not None:
+        _run_backward_plan(plan, grad_y, x, weight, saved, act, dx, dw, db, ref)
+        return dx, dw, db
     tensors = (grad_y, x, weight, saved, dx, dw, db)
     common = _common_flags(ref.dtype, *tensors[:6])
     plan = dict(COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
@@ -504,28 +592,36 @@ def linear_backward(grad_y, x, weight, saved, activation=None,
     # tuner compares: each candidate is timed end to end.
     variant, cfg = _pick("bwd", problem, ref.device, wrap is not None,
                          lambda v, c: _backward_with(v, c, problem, act, common, wrap=None, record=False))
-    _backward_with(variant, cfg, problem, act, common, wrap, record=True)
+    steps = _backward_with(variant, cfg, problem, act, common, wrap, record=True)
+    if signature is not None and steps is not None:
+        _remember_backward(signature, variant, cfg, problem, common, steps)
     return dx, dw, db
 
 
+_TORCH_STEPS = (None, 0, None, False)  # torch's row: a plan runs it through _backward_with
+
+
 def _backward_with(variant, cfg, problem, act, common, wrap, record):
-    """Run the backward ``problem`` (outputs in its tensors) with one row of the table and its config."""
+    """Run the backward ``problem`` (outputs in its tensors) with one row of the table and its config.
+    Returns what a plan replays: (dZ pass step or None, db partial rows, GEMM step or None, whether the
+    GEMM's activation slot is ``saved``); _TORCH_STEPS for torch's row; None for a row of several
+    launches (not planned)."""
     if variant.is_torch:
         _run(variant, cfg, problem, (), problem.flags, wrap, problem.tensors[0].device, record)
-        return
+        return _TORCH_STEPS
     grad_y, x, weight, saved, dx, dw, db = problem.tensors
     M, N, K = problem.M, problem.N, problem.K
     ref = x if x is not None else weight if weight is not None else grad_y
     plan = {k: problem.flags[k] for k in ("COMPUTE_DX", "COMPUTE_DW", "COMPUTE_DB", "ACCUMULATE_DX",
                                           "ACCUMULATE_DW")}
     compute_db = plan["COMPUTE_DB"]
-    operand, prologue_act = grad_y, act
+    operand, prologue_act, dz_step, db_rows = grad_y, act, None, 0
     if variant.dz_pass and (act.saves is not None or compute_db):
         # dZ (and db) once per element; the GEMMs below then read dZ as plain operands.
-        operand = _dz_pass(grad_y, saved, act, db if compute_db else None, common, wrap, record)
+        operand, dz_step, db_rows = _dz_pass(grad_y, saved, act, db if compute_db else None, common, wrap, record)
         prologue_act, plan["COMPUTE_DB"] = lookup(None), False
         if not (plan["COMPUTE_DX"] or plan["COMPUTE_DW"]):
-            return
+            return dz_step, db_rows, None, False
     s = saved if prologue_act.saves is not None else operand
     args = (
         operand, _or(x, ref), _or(weight, ref), s, _or(dx, ref), _or(dw, ref), _or(db, ref),
@@ -534,14 +630,28 @@ def _backward_with(variant, cfg, problem, act, common, wrap, record):
         *_strides(dx, 2), *_strides(dw, 2), *_strides(db, 1)[:1],
     )
     # Both products share one config (one launch); the autotune key holds all of M, N, K.
-    _launch("bwd", args, dict(plan, ACT=prologue_act.kernel_id, **common), M, N, K, ref.dtype, ref.device,
-            problem.tensors, wrap, variant, cfg, record)
+    flags = dict(plan, ACT=prologue_act.kernel_id, **common)
+    if variant.launch is not None:
+        _launch("bwd", args, flags, M, N, K, ref.dtype, ref.device, problem.tensors, wrap, variant, cfg, record)
+        return None
+    gemm = _launch_one_row(variant, cfg, variants.Problem(M, N, K, ref.dtype, problem.tensors, flags), args, flags,
+                           7, wrap, ref.device, record)
+    return dz_step, db_rows, gemm, prologue_act.saves is not None
+
+
+def _launch_one_row(variant, cfg, problem, args, flags, n_tensors, wrap, device, record):
+    """Launch a single-kernel row with its tile; -> the _Step a plan replays (args[n_tensors:] its tail)."""
+    _check_not_jit_tracing(variant)
+    step = _Step(variant, variant.grid(problem, cfg), dict(flags, **variant.flags, **_kwargs(cfg)), args[n_tensors:])
+    _launch_kernel(variant, step.grid, args, step.kwargs, wrap, device, record)
+    return step
 
 
 def _dz_pass(grad_y, saved, act, db, common, wrap, record=True):
-    """One elementwise launch: dZ = dY ⊙ act'(saved) in dY's dtype (returned; dY itself without an
-    activation) and, if ``db`` is given, db = Σ_rows dZ written into it. db's per-row-block partial sums
-    are fp32 (fp64 for fp64) and added in a fixed order: deterministic, no atomics."""
+    """One elementwise launch: dZ = dY ⊙ act'(saved) in dY's dtype and, if ``db`` is given, db = Σ_rows dZ
+    written into it. db's per-row-block partial sums are fp32 (fp64 for fp64) and added in a fixed order:
+    deterministic, no atomics. -> (dZ (dY itself without an activation), its launch's _Step, the rows of
+    db's partial sums (0: no db))."""
     M, N = grad_y.shape
     write_dz = act.saves is not None
     dz = _alloc((M, N), grad_y) if write_dz else grad_y
@@ -556,10 +666,10 @@ def _dz_pass(grad_y, saved, act, db, common, wrap, record=True):
                if db is not None else dz)
     s = saved if act.saves is not None else grad_y
     args = (grad_y, s, dz, partial, M, N, *grad_y.stride(), *s.stride(), *dz.stride(), partial.stride(0))
-    _launch("dz", args, flags, M, N, 0, grad_y.dtype, grad_y.device, problem.tensors, wrap, variant, cfg, record)
+    step = _launch_one_row(variant, cfg, problem, args, flags, 4, wrap, grad_y.device, record)
     if db is not None:
         db.copy_(partial.sum(0))
-    return dz
+    return dz, step, partial.shape[0] if db is not None else 0
 
 
 def _or(t, default):

@@ -163,3 +163,129 @@ def test_the_plans_are_bounded(monkeypatch):
     for rows in (40, 41, 42, 43, 44, 40):
         _forward(randn(rows, 32), w, None, "gelu")
         assert 1 <= len(launcher._PLANS) <= 3
+
+
+# ---- the backward: its dZ pass and GEMM launch, planned together ----------------------------------------
+
+def _backward(gy, x, w, saved, act, need=(True, True, True), **outs):
+    """([dx, dw, db], [(kernel, grid, flags) per launch]) of one launcher backward, checked against float64
+    (a buffer in ``outs`` — weight_grad_out / input_grad_out — starts at zero: it holds the gradient after)."""
+    need_x, need_w, need_b = need
+    with record_launches() as log:
+        got = launcher.linear_backward(gy, x if need_w else None, w if need_x else None, saved, act,
+                                       need_x, need_w, need_b, **outs)
+    z = saved.double().requires_grad_() if saved is not None else None
+    dz = (gy.double() if z is None else
+          torch.autograd.grad(lookup(act).apply(z), z, gy.double())[0])
+    want = [dz @ w.double() if need_x else None, dz.t() @ x.double() if need_w else None,
+            dz.sum(0) if need_b else None]
+    for g, e in zip(got, want):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g.double(), e, rtol=2e-2 if g.dtype == torch.bfloat16 else 1e-5,
+                                       atol=2e-2 if g.dtype == torch.bfloat16 else 1e-5)
+    return got, [(launch.kernel, launch.grid, launch.flags) for launch in log]
+
+
+def _bwd_args(M=40, N=24, K=32, dtype=torch.float32):
+    return randn(M, N, dtype=dtype), randn(M, K, dtype=dtype), randn(N, K, dtype=dtype), randn(M, N, dtype=dtype)
+
+
+@pytest.mark.parametrize("act, need, kernels", [("gelu", (True, True, True), ["linear_dz", "linear_bwd"]),
+                                                (None, (True, True, True), ["linear_dz", "linear_bwd"]),
+                                                (None, (True, True, False), ["linear_bwd"]),
+                                                ("gelu", (False, False, True), ["linear_dz"])],
+                         ids=["gelu", "identity-db", "identity-gemm-only", "db-only"])
+def test_a_repeated_backward_chooses_once_and_launches_the_same(picks, act, need, kernels):
+    gy, x, w, z = _bwd_args()
+    saved = z if act is not None else None
+    first = _backward(gy, x, w, saved, act, need)[1]
+    assert [kernel for kernel, _, _ in first] == kernels
+    for _ in range(2):
+        assert _backward(gy, x, w, saved, act, need)[1] == first
+    gy2, x2, w2, z2 = _bwd_args()  # other values, the same signature: the plan, with this call's tensors
+    assert _backward(gy2, x2, w2, z2 if act is not None else None, act, need)[1] == first
+    assert picks == ["bwd"]
+
+
+def test_every_field_of_the_backward_signature_has_its_own_plan(picks):
+    """Backward launches of one (M, N, K) that differ in the gradients asked for, the activation, the dtype,
+    an operand's layout, or a buffer added into: each runs its own launches and gives its own right answer,
+    the first time and from its plan."""
+    M, N, K = 40, 24, 32
+    gy, x, w, z = _bwd_args(M, N, K)
+    calls = [
+        dict(gy=gy, x=x, w=w, saved=z, act="gelu", need=(True, True, True)),
+        dict(gy=gy, x=x, w=w, saved=z, act="gelu", need=(True, False, False)),
+        dict(gy=gy, x=x, w=w, saved=z, act="gelu", need=(False, True, True)),
+        dict(gy=gy, x=x, w=w, saved=z, act="silu", need=(True, True, True)),
+        dict(gy=gy, x=x, w=w, saved=None, act=None, need=(True, True, True)),
+        dict(gy=gy.double(), x=x.double(), w=w.double(), saved=z.double(), act="gelu", need=(True, True, True)),
+        dict(gy=randn(N, M).t(), x=x, w=w, saved=z, act="gelu", need=(True, True, True)),
+        dict(gy=gy, x=randn(K, M).t(), w=w, saved=z, act="gelu", need=(True, True, True)),
+        dict(gy=gy, x=x, w=randn(K, N).t(), saved=z, act="gelu", need=(True, True, True)),
+        dict(gy=gy, x=x, w=w, saved=randn(N, M).t(), act="gelu", need=(True, True, True)),
+        dict(gy=gy, x=x, w=w, saved=z, act="gelu", need=(True, True, True), weight_grad_out=(N, K)),
+        dict(gy=gy, x=x, w=w, saved=z, act="gelu", need=(True, True, True), input_grad_out=(M, K)),
+    ]
+
+    def run(c):
+        outs = {k: torch.zeros(c[k]) for k in ("weight_grad_out", "input_grad_out") if k in c}
+        got, launches = _backward(c["gy"], c["x"], c["w"], c["saved"], c["act"], c["need"], **outs)
+        for k, buffer in outs.items():  # added into the caller's buffer, which is what is returned
+            assert got[1 if k == "weight_grad_out" else 0] is buffer
+        return launches
+
+    runs = [[run(c) for c in calls] for _ in range(2)]
+    assert runs[1] == runs[0]
+    for c, launches in zip(calls, runs[0]):
+        flags = launches[-1][2]
+        assert flags["ACCUMULATE_DW"] == ("weight_grad_out" in c) and flags["ACCUMULATE_DX"] == ("input_grad_out" in c)
+        assert flags["FP64"] == (c["gy"].dtype == torch.float64)
+    assert len(picks) == len(calls)
+
+
+def test_a_backward_plan_follows_the_operands_strides(monkeypatch):
+    """INT64 for a saved tensor whose view reaches past the (lowered) int32 range, from its own plan."""
+    monkeypatch.setattr(launcher, "_INT32_LIMIT", 1000)
+    gy, x, w, _ = _bwd_args(8, 16, 4)
+    narrow = randn(8, 16)
+    wide = randn(8, 16 * 80)[:, ::80]
+    for _ in range(2):
+        for saved, int64 in ((narrow, False), (wide, True), (narrow, False)):
+            launches = _backward(gy, x, w, saved, "gelu")[1]
+            assert all(flags["INT64"] is int64 for _, _, flags in launches)
+
+
+def test_a_tuned_torch_backward_is_planned_beside_an_accumulating_one(tuner):
+    """The tuner keeps torch's backward row for the key; its plan runs it again. An accumulating launch of
+    the same shape (which torch's row may not run) has its own plan with the Triton row."""
+    tuner.speed = lambda name, flags: 0.5 if name == "linear_bwd_torch" else 1.0
+    gy, x, w, z = _bwd_args()
+    for _ in range(2):
+        assert [k for k, _, _ in _backward(gy, x, w, z, "gelu")[1]] == ["linear_bwd_torch"]
+        launches = _backward(gy, x, w, z, "gelu", weight_grad_out=torch.zeros(24, 32))[1]
+        assert [k for k, _, _ in launches] == ["linear_dz", "linear_bwd"]
+
+
+def test_a_backward_plan_is_dropped_when_the_tuned_choice_changes(tuner):
+    gy, x, w, z = _bwd_args()
+    tuner.speed = lambda name, flags: 0.5 if name == "linear_bwd" else 1.0
+    assert [k for k, _, _ in _backward(gy, x, w, z, "gelu")[1]] == ["linear_dz", "linear_bwd"]
+    configs.clear_cache(disk=True)
+    tuner.speed = lambda name, flags: 0.5 if name == "linear_bwd_torch" else 1.0
+    for _ in range(2):
+        assert [k for k, _, _ in _backward(gy, x, w, z, "gelu")[1]] == ["linear_bwd_torch"]
+
+
+def test_forced_backward_rows_and_forced_int64_are_not_served_from_a_plan(picks):
+    gy, x, w, z = _bwd_args()
+    plain = _backward(gy, x, w, z, "gelu")[1]
+    with variants.use("linear_bwd_prologue"):
+        assert [k for k, _, _ in _backward(gy, x, w, z, "gelu")[1]] == ["linear_bwd_prologue"]
+    with variants.use("linear_bwd_torch"):
+        assert [k for k, _, _ in _backward(gy, x, w, z, "gelu")[1]] == ["linear_bwd_torch"]
+    with force_int64():
+        assert all(flags["INT64"] for _, _, flags in _backward(gy, x, w, z, "gelu")[1])
+    assert _backward(gy, x, w, z, "gelu")[1] == plain  # the plan again
+    assert picks == ["bwd"] * 4

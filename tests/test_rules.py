@@ -97,6 +97,7 @@ def test_every_accumulating_launch_the_launchers_make_is_untimed(tuner, monkeypa
     monkeypatch.setattr(launchers, "INTERPRETER", False)
     monkeypatch.setattr(launchers, "_device_name", lambda index: "fake")
     monkeypatch.setattr(launchers, "_run", lambda *a, **k: None)
+    monkeypatch.setattr(launchers, "_launch_kernel", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(configs, "tuned_config", fake_tuned_config)
     x, w, dy = randn(24, 16), randn(20, 16), randn(24, 20)
@@ -244,10 +245,10 @@ def captured_flags(monkeypatch):
     """Launches are recorded (flags per kernel direction) but never run: the tensors are meta tensors."""
     seen = {}
 
-    def fake_launch(direction, args, flags, *rest, **kw):
-        seen.setdefault(direction, []).append(flags)
+    def fake_launch(variant, grid, args, kwargs, *rest):
+        seen.setdefault(variant.direction, []).append(kwargs)
 
-    monkeypatch.setattr(launchers, "_launch", fake_launch)
+    monkeypatch.setattr(launchers, "_launch_kernel", fake_launch)  # every Triton launch ends there
     return seen
 
 
@@ -551,7 +552,7 @@ def test_lm_head_int64_decision_sees_every_tensor(monkeypatch, direction, role):
     switches their launches to 64-bit offsets."""
     seen = []
     monkeypatch.setattr(lce_kernels, "_run", lambda name, kernel, grid, args, flags, *rest: seen.append(flags))
-    monkeypatch.setattr(launchers, "_launch", lambda *a, **k: None)
+    monkeypatch.setattr(launchers, "_launch_kernel", lambda *a, **k: None)
     M, K, V = 5, 7, 6
     x, w = _meta((M, K), role == "x"), _meta((V, K), role == "weight")
     b, cw = _meta((V,), role == "bias"), _meta((V,), role == "class_weight")
