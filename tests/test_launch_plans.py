@@ -216,6 +216,7 @@ def test_every_field_of_the_backward_signature_has_its_own_plan(picks):
     gy, x, w, z = _bwd_args(M, N, K)
     calls = [
         dict(gy=gy, x=x, w=w, saved=z, act="gelu", need=(True, True, True)),
+        dict(gy=gy, x=x, w=w, saved=z, act="gelu", need=(True, True, False)),  # only db's request differs
         dict(gy=gy, x=x, w=w, saved=z, act="gelu", need=(True, False, False)),
         dict(gy=gy, x=x, w=w, saved=z, act="gelu", need=(False, True, True)),
         dict(gy=gy, x=x, w=w, saved=z, act="silu", need=(True, True, True)),
