@@ -474,14 +474,12 @@ def _run_backward_plan(plan, grad_y, x, weight, saved, act, dx, dw, db, ref):
     operand = grad_y
     if plan.dz is not None:
         dz = _alloc(grad_y.shape, grad_y) if act.saves is not None else grad_y
-        partial = (grad_y.new_empty((plan.db_rows, grad_y.shape[1]),
-                                    dtype=torch.float64 if plan.common["FP64"] else torch.float32)
-                   if plan.db_rows else dz)
+        partial = _db_partials(db, plan.db_rows, plan.common["FP64"]) if plan.db_rows else dz
         step = plan.dz
         _launch_kernel(step.variant, step.grid, (grad_y, saved if act.saves is not None else grad_y, dz, partial)
                        + step.tail, step.kwargs, None, device, True)
         if plan.db_rows:
-            db.copy_(partial.sum(0))
+            _sum_partials(partial, db)
         operand = dz
     step = plan.gemm
     if step is not None:
@@ -661,15 +659,36 @@ def _dz_pass(grad_y, saved, act, db, common, wrap, record=True):
     variant = variants.select("dz", problem)
     # One fixed tile (nothing to tune in an elementwise pass): it also sets the rows of db's partial sums.
     cfg = variants.heuristic_config(variant, M, N, 0, grad_y.dtype)
-    acc_dtype = torch.float64 if common["FP64"] else torch.float32
-    partial = (torch.empty((cdiv(M, cfg.BLOCK_M), N), dtype=acc_dtype, device=grad_y.device)
-               if db is not None else dz)
+    partial = _db_partials(db, cdiv(M, cfg.BLOCK_M), common["FP64"]) if db is not None else dz
     s = saved if act.saves is not None else grad_y
     args = (grad_y, s, dz, partial, M, N, *grad_y.stride(), *s.stride(), *dz.stride(), partial.stride(0))
     step = _launch_one_row(variant, cfg, problem, args, flags, 4, wrap, grad_y.device, record)
     if db is not None:
-        db.copy_(partial.sum(0))
+        _sum_partials(partial, db)
     return dz, step, partial.shape[0] if db is not None else 0
+
+
+def _db_partials(db, rows, fp64):
+    """The dZ pass's buffer for db's per-row-block partial sums: (rows, N) in fp32 (fp64 for fp64) — or db
+    itself seen as one row, where one block covers every row and db has the sums' dtype (nothing to add:
+    no buffer, no reduction launched after the pass)."""
+    acc = torch.float64 if fp64 else torch.float32
+    if rows == 1 and db.dtype == acc:
+        return db.unsqueeze(0)
+    return db.new_empty((rows, db.shape[0]), dtype=acc)
+
+
+def _sum_partials(partial, db):
+    """db = Σ_rows partial, in a fixed order, rounded once to db's dtype (one launch where it can be)."""
+    if partial.data_ptr() == db.data_ptr():
+        return  # the pass wrote db itself
+    if partial.dtype == db.dtype:
+        torch.sum(partial, 0, out=db)
+    elif partial.shape[0] == 1:
+        db.copy_(partial[0])
+    else:  # (sum with out= of another dtype is not this: torch 2.13 CPU gave 1.1250 in bf16 for a 3-row
+        # fp32 sum of 1.1324, i.e. it did not round once from fp32)
+        db.copy_(partial.sum(0))
 
 
 def _or(t, default):

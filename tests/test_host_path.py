@@ -356,3 +356,27 @@ def test_a_compiled_call_on_the_eager_backend_keeps_the_custom_op(eager_cpu):
     torch.testing.assert_close(y, F.gelu(F.linear(x, layer.weight, layer.bias)))
     targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
     assert "fusedad.linear_fwd" in targets and "linear" not in " ".join(targets).replace("fusedad.linear_fwd", ""), targets
+
+
+@pytest.mark.parametrize("dtype, rows, into_db", [(torch.float32, 8, True), (torch.float64, 8, True),
+                                                  (torch.bfloat16, 8, False), (torch.float32, 300, False),
+                                                  (torch.bfloat16, 300, False)],
+                         ids=["fp32", "fp64", "bf16", "fp32-many-row-blocks", "bf16-many-row-blocks"])
+def test_the_dz_pass_writes_db_itself_where_one_row_block_covers_the_batch(dtype, rows, into_db):
+    """db's partial sums need no buffer and no reduction afterwards where they are one row in db's own dtype
+    (a small batch in fp32/fp64); otherwise an fp32 buffer, summed in fp32 and rounded once (a bf16 db is
+    the exact sum rounded to bf16, bit for bit). Both from a fresh choice and a plan."""
+    gy, x, w, z = (randn(rows, 24, dtype=dtype), randn(rows, 16, dtype=dtype), randn(24, 16, dtype=dtype),
+                   randn(rows, 24, dtype=dtype))
+    want = (gy.double() * torch.func.grad(lambda t: F.gelu(t).sum())(z.double())).sum(0)
+    for _ in range(2):
+        with record_launches() as log:
+            _, _, db = launcher.linear_backward(gy, x, w, z, "gelu", need_bias=True)
+        (dz_launch,) = [launch for launch in log if launch.kernel == "linear_dz"]
+        partial = dz_launch.args[3]
+        assert (partial.data_ptr() == db.data_ptr()) == into_db
+        assert partial.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        if dtype == torch.bfloat16:  # summed in fp32, rounded once: the exact sum rounded to bf16
+            assert torch.equal(db, want.to(dtype)), (db.double() - want).abs().max()
+        else:
+            torch.testing.assert_close(db.double(), want, rtol=1e-5, atol=1e-5)
