@@ -471,7 +471,7 @@ def _run_backward_plan(plan, grad_y, x, weight, saved, act, dx, dw, db, ref):
     """The launches ``plan`` holds, on this call's tensors (outputs already allocated)."""
     _check_not_jit_tracing(plan.variant)
     device = grad_y.device
-    if plan.dz is None and plan.gemm is None:  # a torch row (or a row of several launches): run as chosen
+    if plan.dz is None and plan.gemm is None:  # torch's row (rows of several launches are never planned)
         M, N = grad_y.shape
         problem = variants.Problem(M, N, 0 if ref is grad_y else ref.shape[1], ref.dtype,
                                    (grad_y, x, weight, saved, dx, dw, db), plan.flags)
