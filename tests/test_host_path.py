@@ -165,7 +165,10 @@ def test_a_forced_row_runs_though_its_key_is_tuned(tuner):
 def eager_cpu(monkeypatch):
     """CPU tensors on the eager backend (as where TRITON_INTERPRET is unset), whatever this run's setting."""
     backends = importlib.import_module("fusedad.backend")  # (fusedad.backend is also a function)
-    monkeypatch.setattr(backends, "_CPU", backends.eager_backend())
+    eager = backends.eager_backend()
+    monkeypatch.setattr(backends, "_CPU", eager)
+    # (and the custom ops' bodies, which select by device: a compiled call runs them)
+    monkeypatch.setattr(backends, "_BY_DEVICE_TYPE", {("cpu", False): eager, ("cpu", True): eager})
 
 
 def _saved(fn):
