@@ -161,8 +161,8 @@ def elementwise_candidates(M, N, K, dtype):
 
 
 # ``os.environ.get`` encodes the name and decodes the value on every read: 1.1 µs per call (timeit, the
-# 2-core CPU VM, Python 3.11.7, 2026-12-07), against 33 ns for a lookup in the mapping's own dict, which CPython keeps
-# in step with every ``os.environ`` write (POSIX: bytes keys). Launches read the setting on every call.
+# 2-core CPU VM, Python 3.11.7, 2026-12-07), against 33 ns for a lookup in the mapping's own dict, which
+# CPython keeps in step with every ``os.environ`` write (POSIX: bytes keys). Launches read it every call.
 _ENVIRON_DATA = getattr(os.environ, "_data", None)
 _AUTOTUNE_NAME = os.environ.encodekey("FUSEDAD_AUTOTUNE") if hasattr(os.environ, "encodekey") else None
 

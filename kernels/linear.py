@@ -471,7 +471,7 @@ def _run_backward_plan(plan, grad_y, x, weight, saved, act, dx, dw, db, ref):
     """The launches ``plan`` holds, on this call's tensors (outputs already allocated)."""
     _check_not_jit_tracing(plan.variant)
     device = grad_y.device
-    if plan.dz is None and plan.gemm is None:  # torch's row (rows of several launches are never planned)
+    if plan.variant.is_torch:  # (rows of several launches are never planned)
         M, N = grad_y.shape
         problem = variants.Problem(M, N, 0 if ref is grad_y else ref.shape[1], ref.dtype,
                                    (grad_y, x, weight, saved, dx, dw, db), plan.flags)
@@ -479,19 +479,17 @@ def _run_backward_plan(plan, grad_y, x, weight, saved, act, dx, dw, db, ref):
         return
     operand = grad_y
     if plan.dz is not None:
-        dz = _alloc(grad_y.shape, grad_y) if act.saves is not None else grad_y
-        partial = _db_partials(db, plan.db_rows, plan.common["FP64"]) if plan.db_rows else dz
-        step = plan.dz
-        _launch_kernel(step.variant, step.grid, (grad_y, saved if act.saves is not None else grad_y, dz, partial)
-                       + step.tail, step.kwargs, None, device, True)
-        if plan.db_rows:
+        db_in_pass = db if plan.db_rows else None
+        operand = _dz_out(grad_y, act)
+        partial, tensors = _dz_operands(grad_y, saved, act, operand, db_in_pass, plan.db_rows, plan.common["FP64"])
+        _launch_kernel(plan.dz.variant, plan.dz.grid, tensors + plan.dz.tail, plan.dz.kwargs, None, device, True)
+        if db_in_pass is not None:
             _sum_partials(partial, db)
-        operand = dz
     step = plan.gemm
     if step is not None:
-        _launch_kernel(step.variant, step.grid,
-                       (operand, _or(x, ref), _or(weight, ref), saved if plan.gemm_reads_saved else operand,
-                        _or(dx, ref), _or(dw, ref), _or(db, ref)) + step.tail, step.kwargs, None, device, True)
+        s = saved if plan.gemm_reads_saved else operand
+        _launch_kernel(step.variant, step.grid, _gemm_operands(operand, x, weight, s, dx, dw, db, ref) + step.tail,
+                       step.kwargs, None, device, True)
 
 
 def linear_forward(x, weight, bias=None, activation=None, store_preact=False,
@@ -628,7 +626,7 @@ def _backward_with(variant, cfg, problem, act, common, wrap, record):
             return dz_step, db_rows, None, False
     s = saved if prologue_act.saves is not None else operand
     args = (
-        operand, _or(x, ref), _or(weight, ref), s, _or(dx, ref), _or(dw, ref), _or(db, ref),
+        *_gemm_operands(operand, x, weight, s, dx, dw, db, ref),
         M, N, K,
         *operand.stride(), *_strides(x, 2), *_strides(weight, 2), *s.stride(),
         *_strides(dx, 2), *_strides(dw, 2), *_strides(db, 1)[:1],
@@ -658,20 +656,36 @@ def _dz_pass(grad_y, saved, act, db, common, wrap, record=True):
     db's partial sums (0: no db))."""
     M, N = grad_y.shape
     write_dz = act.saves is not None
-    dz = _alloc((M, N), grad_y) if write_dz else grad_y
+    dz = _dz_out(grad_y, act)
     flags = dict(ACT=act.kernel_id, WRITE_DZ=write_dz, COMPUTE_DB=db is not None,
                  FP64=common["FP64"], EMULATE_BF16=common["EMULATE_BF16"], INT64=common["INT64"])
     problem = variants.Problem(M, N, 0, grad_y.dtype, (grad_y, saved, dz), flags)
     variant = variants.select("dz", problem)
     # One fixed tile (nothing to tune in an elementwise pass): it also sets the rows of db's partial sums.
     cfg = variants.heuristic_config(variant, M, N, 0, grad_y.dtype)
-    partial = _db_partials(db, cdiv(M, cfg.BLOCK_M), common["FP64"]) if db is not None else dz
-    s = saved if act.saves is not None else grad_y
-    args = (grad_y, s, dz, partial, M, N, *grad_y.stride(), *s.stride(), *dz.stride(), partial.stride(0))
+    partial, tensors = _dz_operands(grad_y, saved, act, dz, db, cdiv(M, cfg.BLOCK_M), common["FP64"])
+    args = (*tensors, M, N, *grad_y.stride(), *tensors[1].stride(), *dz.stride(), partial.stride(0))
     step = _launch_one_row(variant, cfg, problem, args, flags, 4, wrap, grad_y.device, record)
     if db is not None:
         _sum_partials(partial, db)
     return dz, step, partial.shape[0] if db is not None else 0
+
+
+def _dz_out(grad_y, act):
+    """dZ's buffer: a fresh (M, N) in dY's dtype, or dY itself without an activation (nothing to write)."""
+    return _alloc(grad_y.shape, grad_y) if act.saves is not None else grad_y
+
+
+def _dz_operands(grad_y, saved, act, dz, db, rows, fp64):
+    """-> (db's partial-sum buffer (dz's slot when no db), the dZ kernel's tensor arguments in order)."""
+    partial = _db_partials(db, rows, fp64) if db is not None else dz
+    return partial, (grad_y, saved if act.saves is not None else grad_y, dz, partial)
+
+
+def _gemm_operands(operand, x, weight, s, dx, dw, db, ref):
+    """The backward GEMM kernel's tensor arguments in order; ``ref`` fills the slots of absent tensors
+    (never read: their COMPUTE_* flag is off)."""
+    return operand, _or(x, ref), _or(weight, ref), s, _or(dx, ref), _or(dw, ref), _or(db, ref)
 
 
 def _db_partials(db, rows, fp64):
