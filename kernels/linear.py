@@ -467,14 +467,13 @@ def _remember_backward(signature, variant, cfg, problem, common, steps):
     _keep(signature, _BackwardPlan(configs.generation(), variant, cfg, problem.flags, common, *steps))
 
 
-def _run_backward_plan(plan, grad_y, x, weight, saved, act, dx, dw, db, ref):
+def _run_backward_plan(plan, grad_y, x, weight, saved, act, dx, dw, db, ref, K):
     """The launches ``plan`` holds, on this call's tensors (outputs already allocated)."""
     _check_not_jit_tracing(plan.variant)
     device = grad_y.device
     if plan.variant.is_torch:  # (rows of several launches are never planned)
         M, N = grad_y.shape
-        problem = variants.Problem(M, N, 0 if ref is grad_y else ref.shape[1], ref.dtype,
-                                   (grad_y, x, weight, saved, dx, dw, db), plan.flags)
+        problem = variants.Problem(M, N, K, ref.dtype, (grad_y, x, weight, saved, dx, dw, db), plan.flags)
         _backward_with(plan.variant, plan.cfg, problem, act, plan.common, None, True)
         return
     operand = grad_y
@@ -582,13 +581,13 @@ def linear_backward(grad_y, x, weight, saved, activation=None,
         grad_y, x, weight, saved, dx, dw, act, (need_x, need_weight, need_bias), (accumulate, accumulate_dx))
     plan = _current_plan(signature)
     if plan is not None:
-        _run_backward_plan(plan, grad_y, x, weight, saved, act, dx, dw, db, ref)
+        _run_backward_plan(plan, grad_y, x, weight, saved, act, dx, dw, db, ref, K)
         return dx, dw, db
     tensors = (grad_y, x, weight, saved, dx, dw, db)
     common = _common_flags(ref.dtype, *tensors[:6])
-    plan = dict(COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-                ACCUMULATE_DX=accumulate_dx and compute_dx, ACCUMULATE_DW=accumulate and compute_dw)
-    flags = dict(plan, ACT=act.kernel_id, **common)
+    flags = dict(COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+                 ACCUMULATE_DX=accumulate_dx and compute_dx, ACCUMULATE_DW=accumulate and compute_dw,
+                 ACT=act.kernel_id, **common)
     problem = variants.Problem(M, N, K, ref.dtype, tensors, flags)
     # The whole backward (a dZ pass and its GEMMs, or one prologue launch, or torch's mm) is what the
     # tuner compares: each candidate is timed end to end.
@@ -614,15 +613,15 @@ def _backward_with(variant, cfg, problem, act, common, wrap, record):
     grad_y, x, weight, saved, dx, dw, db = problem.tensors
     M, N, K = problem.M, problem.N, problem.K
     ref = x if x is not None else weight if weight is not None else grad_y
-    plan = {k: problem.flags[k] for k in ("COMPUTE_DX", "COMPUTE_DW", "COMPUTE_DB", "ACCUMULATE_DX",
-                                          "ACCUMULATE_DW")}
-    compute_db = plan["COMPUTE_DB"]
+    gradients = {k: problem.flags[k] for k in ("COMPUTE_DX", "COMPUTE_DW", "COMPUTE_DB", "ACCUMULATE_DX",
+                                               "ACCUMULATE_DW")}
+    compute_db = gradients["COMPUTE_DB"]
     operand, prologue_act, dz_step, db_rows = grad_y, act, None, 0
     if variant.dz_pass and (act.saves is not None or compute_db):
         # dZ (and db) once per element; the GEMMs below then read dZ as plain operands.
         operand, dz_step, db_rows = _dz_pass(grad_y, saved, act, db if compute_db else None, common, wrap, record)
-        prologue_act, plan["COMPUTE_DB"] = lookup(None), False
-        if not (plan["COMPUTE_DX"] or plan["COMPUTE_DW"]):
+        prologue_act, gradients["COMPUTE_DB"] = lookup(None), False
+        if not (gradients["COMPUTE_DX"] or gradients["COMPUTE_DW"]):
             return dz_step, db_rows, None, False
     s = saved if prologue_act.saves is not None else operand
     args = (
@@ -632,7 +631,7 @@ def _backward_with(variant, cfg, problem, act, common, wrap, record):
         *_strides(dx, 2), *_strides(dw, 2), *_strides(db, 1)[:1],
     )
     # Both products share one config (one launch); the autotune key holds all of M, N, K.
-    flags = dict(plan, ACT=prologue_act.kernel_id, **common)
+    flags = dict(gradients, ACT=prologue_act.kernel_id, **common)
     if variant.launch is not None:
         _launch("bwd", args, flags, M, N, K, ref.dtype, ref.device, problem.tensors, wrap, variant, cfg, record)
         return None
